@@ -1,0 +1,149 @@
+"""``TokenPackerLlavaForConditionalGeneration``: vision encoder -> projector -> causal LM.
+
+One class for every combination: the vision tower is any registered ViT family, the
+projector any registered projector, the LLM anything ``AutoModelForCausalLM`` builds
+(Llama/Vicuna, Mistral, Qwen2 ...), with its own head, loss and cache. Each ``<image>``
+placeholder in ``input_ids`` must already be expanded to ``config.num_image_tokens`` copies;
+images are consumed in placeholder order across the batch.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
+from transformers.cache_utils import Cache
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from tokenpacker_llava.models.configuration import TokenPackerLlavaConfig
+from tokenpacker_llava.models.projectors import Projector, build_projector
+from tokenpacker_llava.models.vision import VisionEncoder
+
+logger = logging.getLogger(__name__)
+
+
+class TokenPackerLlavaPreTrainedModel(PreTrainedModel):
+    config_class = TokenPackerLlavaConfig  # explicit: annotations are strings under `from __future__`
+    base_model_prefix = ""
+    input_modalities = ("image", "text")
+    supports_gradient_checkpointing = True
+    _supports_flash_attn = True
+    _supports_sdpa = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    _skip_keys_device_placement = ["past_key_values"]
+
+    def _init_weights(self, module: nn.Module) -> None:
+        # The vision tower and the LLM are transformers models and initialize themselves;
+        # the projector owns its (reference) init scheme.
+        if isinstance(module, Projector):
+            module.reset_parameters()
+
+
+class TokenPackerLlavaForConditionalGeneration(TokenPackerLlavaPreTrainedModel, GenerationMixin):
+    def __init__(self, config: TokenPackerLlavaConfig) -> None:
+        super().__init__(config)
+        self.vision_tower = VisionEncoder(
+            config.vision_config,
+            feature_layer=config.vision_feature_layer,
+            multi_level_layers=config.resolved_multi_level_layers,
+        )
+        self.projector = build_projector(
+            config.projector_type,
+            in_dim=config.vision_config.hidden_size,
+            out_dim=config.text_config.hidden_size,
+            grid_size=config.grid_size,
+            multi_level_dim=config.multi_level_dim,
+            scale_factor=config.scale_factor,
+            **config.projector_options,
+        )
+        self.language_model = AutoModelForCausalLM.from_config(config.text_config)
+        self.post_init()
+
+    # Embedding accessors delegate to the LLM so resize_token_embeddings, peft and
+    # generation utilities work unchanged.
+    def get_input_embeddings(self) -> nn.Module:
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.language_model.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Module | None:
+        return self.language_model.get_output_embeddings()
+
+    def set_output_embeddings(self, value: nn.Module) -> None:
+        self.language_model.set_output_embeddings(value)
+
+    @property
+    def num_image_tokens(self) -> int:
+        return self.projector.num_tokens
+
+    def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(images, 3, H, W) -> (images, num_image_tokens, LLM hidden size)."""
+        vision = self.vision_tower(pixel_values, with_multi_level=self.projector.uses_multi_level)
+        dtype = next(self.projector.parameters(), vision.features).dtype
+        multi_level = vision.multi_level.to(dtype) if vision.multi_level is not None else None
+        return self.projector(vision.features.to(dtype), multi_level=multi_level)
+
+    def image_token_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.config.image_token_id is None:
+            return torch.zeros_like(input_ids, dtype=torch.bool)
+        return input_ids == self.config.image_token_id
+
+    def embed_inputs(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None) -> torch.Tensor:
+        """Token embeddings with the image placeholders replaced by projected image features."""
+        image_mask = self.image_token_mask(input_ids)
+        # Placeholder ids may lie outside the embedding table; their rows are overwritten anyway.
+        inputs_embeds = self.get_input_embeddings()(input_ids.masked_fill(image_mask, 0))
+        num_placeholders = int(image_mask.sum())
+        if pixel_values is None:
+            if num_placeholders:
+                raise ValueError(
+                    f"input_ids contain {num_placeholders} image placeholder tokens but no pixel_values were given"
+                )
+            return inputs_embeds
+        if self.config.image_token_id is None:
+            raise ValueError("pixel_values were given but config.image_token_id is not set")
+        image_features = self.get_image_features(pixel_values)
+        num_features = image_features.shape[0] * image_features.shape[1]
+        if num_placeholders != num_features:
+            raise ValueError(
+                f"image placeholder/feature mismatch: input_ids contain {num_placeholders} image tokens but "
+                f"{image_features.shape[0]} image(s) x {image_features.shape[1]} tokens = {num_features} features; "
+                f"each <image> must be expanded to {self.num_image_tokens} tokens and match one image"
+            )
+        features = image_features.reshape(-1, inputs_embeds.shape[-1]).to(inputs_embeds.dtype)
+        return inputs_embeds.masked_scatter(image_mask.unsqueeze(-1), features)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs: Any,
+    ) -> CausalLMOutputWithPast:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_inputs(input_ids, pixel_values)
+        elif pixel_values is not None:
+            raise ValueError("pixel_values need input_ids to locate the image placeholders")
+        return self.language_model(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            labels=labels,
+            use_cache=use_cache,
+            logits_to_keep=logits_to_keep,
+            **kwargs,
+        )

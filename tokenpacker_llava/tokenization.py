@@ -1,0 +1,39 @@
+"""The ``<image>`` placeholder token in tokenizers and token sequences.
+
+``<image>`` is one special token in the text; before the forward pass it is expanded to as
+many copies as the projector emits tokens for that image, so the placeholder count is known
+at data time and the model only has to scatter features into those positions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from transformers import PreTrainedTokenizerBase
+
+DEFAULT_IMAGE_TOKEN = "<image>"
+
+
+def ensure_image_token(tokenizer: PreTrainedTokenizerBase, image_token: str = DEFAULT_IMAGE_TOKEN) -> int:
+    """Add ``image_token`` as a special token if missing and return its id.
+
+    The id may be past the LLM's embedding table (e.g. 32000 for a 32000-piece Llama):
+    the model never looks it up, so the embeddings need no resize.
+    """
+    if image_token not in tokenizer.get_vocab():
+        tokenizer.add_special_tokens({"additional_special_tokens": [image_token]}, replace_additional_special_tokens=False)
+    token_id = tokenizer.convert_tokens_to_ids(image_token)
+    if token_id is None or token_id == tokenizer.unk_token_id:
+        raise ValueError(f"could not add {image_token!r} to the tokenizer")
+    return token_id
+
+
+def expand_image_tokens(input_ids: Sequence[int], image_token_id: int, tokens_per_image: int) -> list[int]:
+    """Replace each ``image_token_id`` by ``tokens_per_image`` copies of it."""
+    expanded: list[int] = []
+    for token in input_ids:
+        if token == image_token_id:
+            expanded.extend([image_token_id] * tokens_per_image)
+        else:
+            expanded.append(token)
+    return expanded

@@ -21,7 +21,9 @@ def ensure_image_token(tokenizer: PreTrainedTokenizerBase, image_token: str = DE
     the model never looks it up, so the embeddings need no resize.
     """
     if image_token not in tokenizer.get_vocab():
-        tokenizer.add_special_tokens({"additional_special_tokens": [image_token]}, replace_additional_special_tokens=False)
+        tokenizer.add_special_tokens(
+            {"extra_special_tokens": [image_token]}, replace_extra_special_tokens=False
+        )
     token_id = tokenizer.convert_tokens_to_ids(image_token)
     if token_id is None or token_id == tokenizer.unk_token_id:
         raise ValueError(f"could not add {image_token!r} to the tokenizer")

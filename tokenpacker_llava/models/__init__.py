@@ -6,4 +6,8 @@ from tokenpacker_llava.models.modeling import (
     TokenPackerLlavaPreTrainedModel,
 )
 
-__all__ = ["TokenPackerLlavaConfig", "TokenPackerLlavaForConditionalGeneration", "TokenPackerLlavaPreTrainedModel"]
+__all__ = [
+    "TokenPackerLlavaConfig",
+    "TokenPackerLlavaForConditionalGeneration",
+    "TokenPackerLlavaPreTrainedModel",
+]

@@ -43,7 +43,9 @@ class TokenPackerLlavaConfig(PretrainedConfig):
 
     model_type = "tokenpacker_llava"
     sub_configs_defaults = {
-        "vision_config": SubConfigSpec(config_class=AutoConfig, model_type="clip_vision_model", init_kwargs=CLIP_L_336),
+        "vision_config": SubConfigSpec(
+            config_class=AutoConfig, model_type="clip_vision_model", init_kwargs=CLIP_L_336
+        ),
         "text_config": SubConfigSpec(config_class=AutoConfig, model_type="llama"),
     }
 
@@ -67,7 +69,9 @@ class TokenPackerLlavaConfig(PretrainedConfig):
             self.tie_word_embeddings = True
         VISION_FAMILIES.get(self.vision_config.model_type)
         if self.image_aspect_ratio not in IMAGE_ASPECT_RATIOS:
-            raise ValueError(f"image_aspect_ratio must be one of {IMAGE_ASPECT_RATIOS}, got {self.image_aspect_ratio!r}")
+            raise ValueError(
+                f"image_aspect_ratio must be one of {IMAGE_ASPECT_RATIOS}, got {self.image_aspect_ratio!r}"
+            )
         # Resolving these raises a clear error for an unknown projector, a grid the scale
         # does not divide, or a layer index the tower does not have.
         self.num_image_tokens  # noqa: B018

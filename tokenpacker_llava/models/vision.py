@@ -87,14 +87,17 @@ class VisionEncoder(nn.Module):
         config: PretrainedConfig,
         *,
         feature_layer: int = -2,
-        multi_level_layers: Sequence[int] = (),
+        multi_level_layers: Sequence[int] | None = (),
         model: PreTrainedModel | None = None,
     ) -> None:
+        """``multi_level_layers``: hidden-state indices, () for none, None for the default levels."""
         super().__init__()
         self.family = VISION_FAMILIES.get(config.model_type)
         self.config = config
         num_layers = config.num_hidden_layers
         self.feature_layer = resolve_layer(feature_layer, num_layers)
+        if multi_level_layers is None:
+            multi_level_layers = default_multi_level_layers(num_layers)
         self.multi_level_layers = tuple(resolve_layer(i, num_layers) for i in multi_level_layers)
         self.model = model if model is not None else AutoModel.from_config(config)
         # Drop what patch features never pass through: later layers and pooling heads.
@@ -113,12 +116,14 @@ class VisionEncoder(nn.Module):
         name_or_path: str,
         *,
         feature_layer: int = -2,
-        multi_level_layers: Sequence[int] = (),
+        multi_level_layers: Sequence[int] | None = (),
         dtype: torch.dtype | str | None = None,
         trust_remote_code: bool = False,
         **hub_kwargs,
     ) -> VisionEncoder:
-        config = vision_config_from_pretrained(name_or_path, trust_remote_code=trust_remote_code, **hub_kwargs)
+        config = vision_config_from_pretrained(
+            name_or_path, trust_remote_code=trust_remote_code, **hub_kwargs
+        )
         model = AutoModel.from_pretrained(
             name_or_path, config=config, dtype=dtype, trust_remote_code=trust_remote_code, **hub_kwargs
         )

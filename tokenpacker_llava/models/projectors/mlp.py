@@ -23,7 +23,9 @@ class MLP2xGELUProjector(TokenPreservingProjector):
 
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)
-        self.layers = nn.Sequential(nn.Linear(self.in_dim, self.out_dim), nn.GELU(), nn.Linear(self.out_dim, self.out_dim))
+        self.layers = nn.Sequential(
+            nn.Linear(self.in_dim, self.out_dim), nn.GELU(), nn.Linear(self.out_dim, self.out_dim)
+        )
 
     def reset_parameters(self) -> None:
         _reset_linears(self)
@@ -58,7 +60,9 @@ class IdentityProjector(TokenPreservingProjector):
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)
         if self.in_dim != self.out_dim:
-            raise ValueError(f"identity projector needs in_dim == out_dim, got {self.in_dim} and {self.out_dim}")
+            raise ValueError(
+                f"identity projector needs in_dim == out_dim, got {self.in_dim} and {self.out_dim}"
+            )
 
     def reset_parameters(self) -> None:
         pass

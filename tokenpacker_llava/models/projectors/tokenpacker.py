@@ -102,7 +102,9 @@ class TokenPacker(Projector):
         self.ln_k_1 = nn.LayerNorm(dim, eps=layer_norm_eps)
         self.ln_v_1 = nn.LayerNorm(dim, eps=layer_norm_eps)
         self.clip_attn = RegionAttention(dim, num_heads)
-        self.mlp = nn.Sequential(nn.Linear(dim, self.out_dim), nn.GELU(), nn.Linear(self.out_dim, self.out_dim))
+        self.mlp = nn.Sequential(
+            nn.Linear(dim, self.out_dim), nn.GELU(), nn.Linear(self.out_dim, self.out_dim)
+        )
         self.reset_parameters()
 
     def reset_parameters(self) -> None:

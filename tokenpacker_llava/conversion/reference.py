@@ -1,0 +1,249 @@
+"""Convert a LLaVA / TokenPacker reference checkpoint folder into this project's format.
+
+The reference layout (``LlavaLlamaForCausalLM``): a config.json holding the LLM's keys plus
+``mm_*`` keys, weights ``model.mm_projector.*`` (projector), ``model.*`` and ``lm_head.*``
+(the LLM), the vision tower loaded separately from ``mm_vision_tower``, and a Llama
+tokenizer. The output is a ``TokenPackerLlavaForConditionalGeneration`` folder: config,
+safetensors shards, tokenizer with ``<image>`` added, and the image processor.
+
+Weights are read as safetensors or, for ``*.bin``, with ``torch.load(weights_only=True)``
+(no arbitrary unpickling), and written shard by shard without instantiating the model.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from huggingface_hub import save_torch_state_dict
+from safetensors.torch import load_file
+from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer, GenerationConfig
+
+from tokenpacker_llava.models.configuration import TokenPackerLlavaConfig
+from tokenpacker_llava.models.modeling import TokenPackerLlavaForConditionalGeneration
+from tokenpacker_llava.models.projectors import PROJECTORS
+from tokenpacker_llava.models.vision import VisionEncoder
+from tokenpacker_llava.tokenization import DEFAULT_IMAGE_TOKEN, ensure_image_token
+
+logger = logging.getLogger(__name__)
+
+# Reference `architectures` -> the transformers model_type of its LLM.
+REFERENCE_ARCHITECTURES = {
+    "LlavaLlamaForCausalLM": "llama",
+    "LlavaMistralForCausalLM": "mistral",
+    "LlavaMptForCausalLM": "mpt",
+    "LlavaQwen2ForCausalLM": "qwen2",
+    "LlavaQwenForCausalLM": "qwen2",
+}
+# Keys of the reference config that describe the multimodal wrapper, not the LLM.
+MULTIMODAL_KEYS = {
+    "image_aspect_ratio",
+    "image_grid_pinpoints",
+    "scale_factor",
+    "patch_num",
+    "tokenizer_model_max_length",
+    "tokenizer_padding_side",
+    "tune_mm_mlp_adapter",
+    "freeze_mm_mlp_adapter",
+    "use_mm_proj",
+    "unfreeze_mm_vision_tower",
+    "mm_patch_merge_type",
+}
+WRAPPER_KEYS = {"model_type", "architectures", "_name_or_path", "transformers_version", "auto_map"}
+PROJECTOR_PREFIX = "model.mm_projector."
+VISION_PREFIX = "model.vision_tower."
+
+
+class ConversionError(ValueError):
+    """The source folder is not a reference checkpoint this converter understands."""
+
+
+def read_reference_config(src: Path) -> dict[str, Any]:
+    path = src / "config.json"
+    if not path.is_file():
+        raise ConversionError(f"{src} has no config.json")
+    config = json.loads(path.read_text())
+    if "mm_projector_type" not in config and "mm_hidden_size" not in config:
+        raise ConversionError(f"{path} has no mm_* keys: not a LLaVA/TokenPacker checkpoint")
+    return config
+
+
+def text_model_type(reference: dict[str, Any], override: str | None) -> str:
+    if override:
+        return override
+    for arch in reference.get("architectures") or []:
+        if arch in REFERENCE_ARCHITECTURES:
+            return REFERENCE_ARCHITECTURES[arch]
+    raise ConversionError(
+        f"cannot tell the LLM type from architectures={reference.get('architectures')}; "
+        f"pass --text_model_type (known: {sorted(set(REFERENCE_ARCHITECTURES.values()))})"
+    )
+
+
+def build_config(
+    reference: dict[str, Any], vision: VisionEncoder, *, text_type: str, image_token_id: int | None
+) -> TokenPackerLlavaConfig:
+    select_feature = reference.get("mm_vision_select_feature", "patch")
+    if select_feature != "patch":
+        raise ConversionError(f"mm_vision_select_feature={select_feature!r} is not supported (only 'patch')")
+    if reference.get("mm_use_im_start_end") or reference.get("mm_use_im_patch_token"):
+        raise ConversionError(
+            "checkpoints using mm_use_im_start_end / mm_use_im_patch_token are not supported"
+        )
+    projector_type = reference.get("mm_projector_type", "linear")
+    PROJECTORS.get(projector_type)
+    if reference.get("mm_hidden_size", vision.hidden_size) != vision.hidden_size:
+        raise ConversionError(
+            f"mm_hidden_size={reference['mm_hidden_size']} but the vision tower has width {vision.hidden_size}"
+        )
+    text_kwargs = {
+        key: value
+        for key, value in reference.items()
+        if not key.startswith("mm_") and key not in MULTIMODAL_KEYS and key not in WRAPPER_KEYS
+    }
+    text_config = AutoConfig.for_model(text_type, **text_kwargs)
+    image_aspect_ratio = reference.get("image_aspect_ratio", "pad")
+    if image_aspect_ratio not in ("pad", "resize", "slice"):
+        raise ConversionError(f"image_aspect_ratio={image_aspect_ratio!r} is not supported")
+    return TokenPackerLlavaConfig(
+        vision_config=vision.config,
+        text_config=text_config,
+        projector_type=projector_type,
+        scale_factor=reference.get("scale_factor")
+        if PROJECTORS.get(projector_type).uses_multi_level
+        else None,
+        vision_feature_layer=reference.get("mm_vision_select_layer", -2),
+        multi_level_layers=list(vision.multi_level_layers) or None,
+        image_token_id=image_token_id,
+        image_aspect_ratio=image_aspect_ratio,
+        dtype=reference.get("torch_dtype") or reference.get("dtype"),
+    )
+
+
+def weight_files(src: Path) -> list[Path]:
+    """The checkpoint's weight files, safetensors preferred, shards in index order."""
+    for index_name, single_name in (
+        ("model.safetensors.index.json", "model.safetensors"),
+        ("pytorch_model.bin.index.json", "pytorch_model.bin"),
+    ):
+        index = src / index_name
+        if index.is_file():
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            return [src / shard for shard in shards]
+        if (src / single_name).is_file():
+            return [src / single_name]
+    raise ConversionError(f"{src} holds no model.safetensors or pytorch_model.bin (sharded or not)")
+
+
+def iter_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
+    for path in files:
+        if path.suffix == ".safetensors":
+            shard = load_file(path)
+        else:
+            # weights_only: tensors and containers only, never arbitrary unpickled code.
+            # mmap needs the zip format of torch >= 1.6; legacy pickles load without it.
+            shard = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+        yield from shard.items()
+
+
+def rename_key(key: str, projector_prefix: str) -> str | None:
+    """Reference key -> our key; None for vision-tower keys (the tower comes from its own folder)."""
+    if key.startswith(PROJECTOR_PREFIX):
+        return "projector." + projector_prefix + key[len(PROJECTOR_PREFIX) :]
+    if key.startswith(VISION_PREFIX):
+        return None
+    if key.startswith("model."):
+        return "language_model." + key
+    if key.startswith("lm_head."):
+        return "language_model." + key
+    raise ConversionError(f"unexpected key {key!r} in the reference checkpoint")
+
+
+def convert_reference_checkpoint(
+    src: str | Path,
+    dst: str | Path,
+    *,
+    vision_tower: str | None = None,
+    text_model_type_override: str | None = None,
+    dtype: torch.dtype | None = None,
+    max_shard_size: str = "5GB",
+    trust_remote_code: bool = False,
+    verify: bool = True,
+) -> Path:
+    """Convert ``src`` (reference layout) into ``dst`` (this project's format) and verify it loads.
+
+    ``vision_tower`` overrides the config's ``mm_vision_tower`` (a hub id or local folder).
+    """
+    src, dst = Path(src), Path(dst)
+    reference = read_reference_config(src)
+    tower = vision_tower or reference.get("mm_vision_tower")
+    if not tower:
+        raise ConversionError("the config names no mm_vision_tower; pass --vision_tower")
+    projector_cls = PROJECTORS.get(reference.get("mm_projector_type", "linear"))
+    logger.info("loading vision tower %s", tower)
+    vision = VisionEncoder.from_pretrained(
+        tower,
+        feature_layer=reference.get("mm_vision_select_layer", -2),
+        # None: the default levels, i.e. the reference's 12, 16, 22, 23 for CLIP-L.
+        multi_level_layers=None if projector_cls.uses_multi_level else (),
+        trust_remote_code=trust_remote_code,
+    )
+
+    tokenizer = None
+    image_token_id = None
+    if (src / "tokenizer_config.json").is_file() or (src / "tokenizer.model").is_file():
+        tokenizer = AutoTokenizer.from_pretrained(src, trust_remote_code=trust_remote_code)
+        image_token_id = ensure_image_token(tokenizer, DEFAULT_IMAGE_TOKEN)
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.unk_token  # as the reference trains
+    else:
+        logger.warning("%s has no tokenizer; set image_token_id in the converted config yourself", src)
+
+    config = build_config(
+        reference,
+        vision,
+        text_type=text_model_type(reference, text_model_type_override),
+        image_token_id=image_token_id,
+    )
+    state_dict: dict[str, torch.Tensor] = {
+        f"vision_tower.model.{key}": tensor for key, tensor in vision.model.state_dict().items()
+    }
+    for key, tensor in iter_tensors(weight_files(src)):
+        new_key = rename_key(key, projector_cls.reference_key_prefix)
+        if new_key is not None:
+            state_dict[new_key] = (
+                tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
+            )
+    if dtype is not None:
+        config.dtype = dtype
+        state_dict = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
+
+    dst.mkdir(parents=True, exist_ok=True)
+    config.architectures = [TokenPackerLlavaForConditionalGeneration.__name__]
+    config.save_pretrained(dst)
+    GenerationConfig.from_model_config(config.text_config).save_pretrained(dst)
+    save_torch_state_dict(state_dict, dst, max_shard_size=max_shard_size)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(dst)
+    try:
+        AutoImageProcessor.from_pretrained(tower, trust_remote_code=trust_remote_code).save_pretrained(dst)
+    except OSError as error:
+        logger.warning("no image processor saved (%s has none: %s)", tower, error)
+    if verify:
+        verify_loads(dst)
+    return dst
+
+
+def verify_loads(dst: Path) -> None:
+    """Load the converted folder strictly: every weight used, none missing."""
+    _, info = TokenPackerLlavaForConditionalGeneration.from_pretrained(dst, output_loading_info=True)
+    kinds = ("missing_keys", "unexpected_keys", "mismatched_keys")
+    problems = {kind: keys for kind, keys in info.items() if keys and kind in kinds}
+    if problems:
+        raise ConversionError(f"the converted checkpoint does not load cleanly: {problems}")
+    logger.info("converted checkpoint written to %s and verified", dst)

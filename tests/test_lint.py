@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_ruff_check() -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "ruff", "check", "tokenpacker_llava", "tests"],
+        [sys.executable, "-m", "ruff", "check", "tokenpacker_llava", "tests", "benchmarks"],
         cwd=ROOT,
         capture_output=True,
         text=True,

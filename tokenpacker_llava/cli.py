@@ -74,7 +74,105 @@ def _run_projectors(args: argparse.Namespace) -> int:
     return 0
 
 
-SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (_add_convert, _add_projectors)
+def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--data_path", required=True, nargs="+", help="LLaVA .json/.jsonl files or dataset ids"
+    )
+    parser.add_argument("--image_folder", help="folder the records' image paths are relative to")
+    parser.add_argument("--tokenizer", help="tokenizer folder or hub id (enables exact token lengths)")
+    parser.add_argument("--template", default="vicuna_v1", help="conversation template (default: vicuna_v1)")
+    parser.add_argument(
+        "--num_image_tokens", type=int, default=144, help="visual tokens per image (default 144)"
+    )
+    parser.add_argument("--model_max_length", type=int, default=2048)
+    parser.add_argument("--trust_remote_code", action="store_true")
+
+
+def _add_data(subparsers: argparse._SubParsersAction) -> None:
+    data = subparsers.add_parser("data", help="validate and inspect training data")
+    commands = data.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")
+    check = commands.add_parser(
+        "check",
+        help="validate every row in parallel; exit 1 if any row is invalid",
+        description="Parses every row, decodes every image, tokenizes every conversation (with --tokenizer) "
+        "and prints counts by problem kind, the first rows of each, and token-length statistics.",
+    )
+    _add_data_arguments(check)
+    check.add_argument("--image_processor", help="image processor folder or hub id (default: CLIP's)")
+    check.add_argument("--num_workers", type=int, default=None, help="worker processes (default: all cores)")
+    check.add_argument("--max_examples", type=int, default=5, help="rows listed per problem kind")
+    check.set_defaults(func=_run_data_check)
+    show = commands.add_parser("show", help="print one tokenized sample with its supervised spans marked")
+    _add_data_arguments(show)
+    show.add_argument("--index", type=int, default=0, help="sample index (after mixing)")
+    show.add_argument("--json", action="store_true", help="machine-readable output")
+    show.set_defaults(func=_run_data_show)
+
+
+def _data_tokenizer(args: argparse.Namespace):
+    from transformers import AutoTokenizer
+
+    from tokenpacker_llava.data.templates import get_template
+    from tokenpacker_llava.tokenization import ensure_image_token
+
+    if args.tokenizer is None:
+        return None, None, None
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer, trust_remote_code=args.trust_remote_code)
+    image_token_id = ensure_image_token(tokenizer)
+    template = get_template(args.template)
+    template.required_tokens(tokenizer)
+    return tokenizer, template, image_token_id
+
+
+def _run_data_check(args: argparse.Namespace) -> int:
+    from tokenpacker_llava.data.check import check_dataset
+    from tokenpacker_llava.data.sources import parse_data_path
+
+    tokenizer, template, image_token_id = _data_tokenizer(args)
+    image_processor = None
+    if args.image_processor:
+        from transformers import AutoImageProcessor
+
+        image_processor = AutoImageProcessor.from_pretrained(args.image_processor)
+    report = check_dataset(
+        parse_data_path(args.data_path, args.image_folder),
+        tokenizer=tokenizer,
+        template=template,
+        image_token_id=image_token_id,
+        tokens_per_image=args.num_image_tokens,
+        max_length=args.model_max_length,
+        image_processor=image_processor,
+        num_workers=args.num_workers,
+        max_examples=args.max_examples,
+    )
+    print(report.format(args.model_max_length, args.num_image_tokens, exact_lengths=tokenizer is not None))
+    return 1 if report.invalid else 0
+
+
+def _run_data_show(args: argparse.Namespace) -> int:
+    from tokenpacker_llava.data.show import show_sample
+
+    tokenizer, template, image_token_id = _data_tokenizer(args)
+    if tokenizer is None:
+        raise SystemExit("data show needs --tokenizer")
+    return show_sample(
+        args.data_path,
+        args.image_folder,
+        index=args.index,
+        tokenizer=tokenizer,
+        template=template,
+        image_token_id=image_token_id,
+        tokens_per_image=args.num_image_tokens,
+        max_length=args.model_max_length,
+        as_json=args.json,
+    )
+
+
+SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
+    _add_convert,
+    _add_data,
+    _add_projectors,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -137,6 +137,10 @@ class TokenPackerLlavaForConditionalGeneration(TokenPackerLlavaPreTrainedModel, 
             inputs_embeds = self.embed_inputs(input_ids, pixel_values)
         elif pixel_values is not None:
             raise ValueError("pixel_values need input_ids to locate the image placeholders")
+        if use_cache is None and (labels is not None or self.training):
+            # Training needs no KV cache, and a cache would stop transformers from building the
+            # per-sample mask of packed rows (it only does so for cache-free forwards).
+            use_cache = False
         return self.language_model(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,

@@ -1,0 +1,1 @@
+"""Data: LLaVA records, conversation templates and label masks, images, datasets, collation."""

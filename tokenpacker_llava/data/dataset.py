@@ -1,0 +1,251 @@
+"""The training dataset: raw LLaVA rows -> validated, tokenized samples with their images.
+
+``SampleBuilder`` turns one ``Record`` into the sample dict the collators consume
+(``input_ids``, ``labels``, ``pixel_values`` or None, ``row``, ``id``). ``LlavaDataset``
+applies the bad-sample policy: with ``error`` the first bad row stops the run with its row
+and reason; with ``skip`` the row is logged by name and replaced by the next good row, and
+the skipped descriptions travel with the sample (``skipped``) so the trainer can count
+them across data-loader workers.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch.utils.data import Dataset
+from transformers import PreTrainedTokenizerBase
+
+from tokenpacker_llava.data.images import ImagePreprocessor
+from tokenpacker_llava.data.records import IMAGE_PLACEHOLDER, BadSample, Record, parse_record
+from tokenpacker_llava.data.sources import DataSource, MixedRecords
+from tokenpacker_llava.data.templates import ConversationTemplate
+from tokenpacker_llava.data.tokenize import tokenize_conversation
+
+logger = logging.getLogger(__name__)
+
+BadSamplePolicy = Literal["error", "skip"]
+BAD_SAMPLE_POLICIES = ("error", "skip")
+
+
+class SampleBuilder:
+    """Builds one training sample from a validated record."""
+
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        template: ConversationTemplate,
+        *,
+        image_token_id: int,
+        tokens_per_image: int,
+        max_length: int | None,
+        image_processor: Any | None = None,
+        image_aspect_ratio: str = "pad",
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.template = template
+        self.image_token_id = image_token_id
+        self.tokens_per_image = tokens_per_image
+        self.max_length = max_length
+        self.image_processor = image_processor
+        self.image_aspect_ratio = image_aspect_ratio
+        self._preprocessors: dict[str | None, ImagePreprocessor] = {}
+
+    def images_for(self, image_folder: str | None) -> ImagePreprocessor:
+        if self.image_processor is None:
+            raise ValueError("this dataset has image rows but no image processor was given")
+        if image_folder not in self._preprocessors:
+            self._preprocessors[image_folder] = ImagePreprocessor(
+                self.image_processor, aspect_ratio=self.image_aspect_ratio, image_folder=image_folder
+            )
+        return self._preprocessors[image_folder]
+
+    def build(self, record: Record, image_folder: str | None = None) -> dict[str, Any]:
+        """Tokenize first (cheap, catches most bad rows), then decode the images."""
+        try:
+            tokens = tokenize_conversation(
+                record.turns,
+                self.template,
+                self.tokenizer,
+                image_token_id=self.image_token_id,
+                tokens_per_image=self.tokens_per_image,
+                max_length=self.max_length,
+            )
+        except BadSample as error:
+            raise error.at(record.row, record.id) from None
+        if tokens.dropped_turns or tokens.truncated_answer:
+            logger.info(
+                "row %s (id %r) shortened to fit %s tokens: dropped %d turn pair(s)%s",
+                record.row,
+                record.id,
+                self.max_length,
+                tokens.dropped_turns,
+                ", truncated the last answer" if tokens.truncated_answer else "",
+            )
+        pixel_values = None
+        if record.images and tokens.num_images:
+            preprocess = self.images_for(image_folder)
+            try:
+                pixel_values = torch.stack([preprocess(path) for path in record.images[: tokens.num_images]])
+            except BadSample as error:
+                raise error.at(record.row, record.id) from None
+        return {
+            "input_ids": torch.tensor(tokens.input_ids, dtype=torch.long),
+            "labels": torch.tensor(tokens.labels, dtype=torch.long),
+            "pixel_values": pixel_values,
+            "row": record.row,
+            "id": record.id,
+        }
+
+
+class LlavaDataset(Dataset):
+    """Map-style dataset over mixed sources with an explicit bad-sample policy."""
+
+    def __init__(
+        self,
+        records: MixedRecords,
+        builder: SampleBuilder,
+        *,
+        on_bad_sample: BadSamplePolicy = "error",
+        max_consecutive_skips: int = 100,
+    ) -> None:
+        if on_bad_sample not in BAD_SAMPLE_POLICIES:
+            raise ValueError(f"on_bad_sample must be one of {BAD_SAMPLE_POLICIES}, got {on_bad_sample!r}")
+        self.records = records
+        self.builder = builder
+        self.on_bad_sample = on_bad_sample
+        self.max_consecutive_skips = max_consecutive_skips
+        self._lengths: list[int] | None = None
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def record(self, index: int) -> tuple[DataSource, Record]:
+        source, row, raw = self.records[index]
+        return source, parse_record(raw, row=row, source=source.path)
+
+    def load(self, index: int) -> dict[str, Any]:
+        source, record = self.record(index)
+        return self.builder.build(record, source.image_folder)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        skipped: list[str] = []
+        for attempt in range(self.max_consecutive_skips + 1):
+            try:
+                sample = self.load((index + attempt) % len(self))
+            except BadSample as error:
+                if self.on_bad_sample == "error":
+                    raise
+                logger.warning("skipping bad sample: %s", error.describe())
+                skipped.append(error.describe())
+                continue
+            if skipped:
+                sample["skipped"] = skipped
+            return sample
+        raise RuntimeError(
+            f"{len(skipped)} consecutive bad rows from index {index}; the data looks broken, "
+            f"run `tokenpacker-llava data check` (last: {skipped[-1]})"
+        )
+
+    @property
+    def modality_lengths(self) -> list[int]:
+        """LLaVA's grouping lengths: approximate tokens, positive with images, negative text-only.
+
+        Estimated from word counts (no tokenization) so it is cheap for millions of rows.
+        """
+        if self._lengths is None:
+            self._lengths = [
+                estimate_length(raw, self.builder.tokens_per_image) for _, _, raw in _iter(self.records)
+            ]
+        return self._lengths
+
+
+def _iter(records: MixedRecords):
+    return (records[i] for i in range(len(records)))
+
+
+def estimate_length(raw: Any, tokens_per_image: int) -> int:
+    """Words plus expanded image tokens; negative for text-only rows; 1 for unparsable rows."""
+    try:
+        turns = raw["conversations"]
+        words = sum(len(str(turn["value"]).split()) for turn in turns)
+        images = sum(str(turn["value"]).count(IMAGE_PLACEHOLDER) for turn in turns)
+    except (KeyError, TypeError):
+        return 1
+    length = max(1, words + images * tokens_per_image)
+    return length if images else -length
+
+
+def build_dataset(
+    sources: Sequence[DataSource],
+    builder: SampleBuilder,
+    *,
+    on_bad_sample: BadSamplePolicy = "error",
+) -> LlavaDataset:
+    for source in sources:
+        if source.image_folder is not None and not Path(source.image_folder).is_dir():
+            raise FileNotFoundError(f"image folder {source.image_folder} does not exist")
+    return LlavaDataset(MixedRecords(sources), builder, on_bad_sample=on_bad_sample)
+
+
+class StreamingLlavaDataset(torch.utils.data.IterableDataset):
+    """Iterable counterpart of ``LlavaDataset`` for data read as a stream (``--streaming``).
+
+    Rows are sharded over distributed ranks with ``datasets.distributed.split_dataset_by_node``
+    and over data-loader workers by ``datasets`` itself; bad rows follow the same policy.
+    """
+
+    def __init__(
+        self,
+        sources: Sequence[DataSource],
+        builder: SampleBuilder,
+        *,
+        on_bad_sample: BadSamplePolicy = "error",
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        from tokenpacker_llava.data.sources import interleave_streaming
+
+        if on_bad_sample not in BAD_SAMPLE_POLICIES:
+            raise ValueError(f"on_bad_sample must be one of {BAD_SAMPLE_POLICIES}, got {on_bad_sample!r}")
+        folders = {source.image_folder for source in sources}
+        if len(folders) > 1:
+            raise ValueError("streaming mixes sources into one stream; give them a single image folder")
+        self.image_folder = folders.pop()
+        self.builder = builder
+        self.on_bad_sample = on_bad_sample
+        stream = interleave_streaming(sources, seed=seed)
+        if world_size > 1:
+            from datasets.distributed import split_dataset_by_node
+
+            stream = split_dataset_by_node(stream, rank=rank, world_size=world_size)
+        self.stream = stream
+
+    def set_epoch(self, epoch: int) -> None:
+        self.stream.set_epoch(epoch)
+
+    def __iter__(self):
+        from tokenpacker_llava.data.sources import raw_record
+
+        skipped: list[str] = []
+        for position, raw_row in enumerate(self.stream):
+            row, raw = raw_record(raw_row)
+            row = position if row is None else row
+            try:
+                record = parse_record(raw, row=row, source="stream")
+                sample = self.builder.build(record, self.image_folder)
+            except BadSample as error:
+                if self.on_bad_sample == "error":
+                    raise
+                logger.warning("skipping bad sample: %s", error.describe())
+                skipped.append(error.describe())
+                continue
+            if skipped:
+                sample["skipped"], skipped = skipped, []
+            yield sample
+        if skipped:
+            logger.warning("%d bad rows at the end of the stream were skipped", len(skipped))

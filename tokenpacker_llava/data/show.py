@@ -1,0 +1,98 @@
+"""``data show``: one tokenized sample with its supervised spans marked."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Sequence
+
+from transformers import PreTrainedTokenizerBase
+
+from tokenpacker_llava.data.records import parse_record
+from tokenpacker_llava.data.sources import MixedRecords, parse_data_path
+from tokenpacker_llava.data.templates import ConversationTemplate
+from tokenpacker_llava.data.tokenize import tokenize_conversation
+
+IGNORE_INDEX = -100
+
+
+def runs(input_ids: Sequence[int], labels: Sequence[int], image_token_id: int) -> list[tuple[str, list[int]]]:
+    """Split a sample into maximal runs of kind ``image``, ``supervised`` or ``context``."""
+    out: list[tuple[str, list[int]]] = []
+    for token, label in zip(input_ids, labels, strict=True):
+        kind = "image" if token == image_token_id else "supervised" if label != IGNORE_INDEX else "context"
+        if out and out[-1][0] == kind:
+            out[-1][1].append(token)
+        else:
+            out.append((kind, [token]))
+    return out
+
+
+def show_sample(
+    data_path: Sequence[str],
+    image_folder: str | None,
+    *,
+    index: int,
+    tokenizer: PreTrainedTokenizerBase,
+    template: ConversationTemplate,
+    image_token_id: int,
+    tokens_per_image: int,
+    max_length: int | None,
+    as_json: bool = False,
+) -> int:
+    records = MixedRecords(parse_data_path(list(data_path), image_folder))
+    if not 0 <= index < len(records):
+        raise SystemExit(f"--index {index} is out of range: the data has {len(records)} samples")
+    source, row, raw = records[index]
+    record = parse_record(raw, row=row, source=source.path)
+    sample = tokenize_conversation(
+        record.turns,
+        template,
+        tokenizer,
+        image_token_id=image_token_id,
+        tokens_per_image=tokens_per_image,
+        max_length=max_length,
+    )
+    parts = runs(sample.input_ids, sample.labels, image_token_id)
+    supervised = [tokenizer.decode(tokens) for kind, tokens in parts if kind == "supervised"]
+    if as_json:
+        json.dump(
+            {
+                "index": index,
+                "source": source.path,
+                "row": record.row,
+                "id": record.id,
+                "num_tokens": len(sample.input_ids),
+                "num_supervised": sum(label != IGNORE_INDEX for label in sample.labels),
+                "num_images": sample.num_images,
+                "dropped_turns": sample.dropped_turns,
+                "truncated_answer": sample.truncated_answer,
+                "input_ids": sample.input_ids,
+                "labels": sample.labels,
+                "supervised_text": supervised,
+            },
+            sys.stdout,
+            ensure_ascii=False,
+        )
+        print()
+        return 0
+    color = sys.stdout.isatty()
+    start, end = ("\033[1;32m", "\033[0m") if color else ("⟦", "⟧")
+    pieces = []
+    for kind, tokens in parts:
+        if kind == "image":
+            pieces.append(f"<image x{len(tokens)}>")
+        elif kind == "supervised":
+            pieces.append(f"{start}{tokenizer.decode(tokens)}{end}")
+        else:
+            pieces.append(tokenizer.decode(tokens))
+    print(f"sample {index}: {source.path} row {record.row} id {record.id!r}")
+    print(
+        f"{len(sample.input_ids)} tokens, {sum(label != IGNORE_INDEX for label in sample.labels)} supervised "
+        f"(marked {start}like this{end}), {sample.num_images} image(s) x {tokens_per_image} tokens"
+    )
+    if sample.dropped_turns or sample.truncated_answer:
+        print(f"shortened to {max_length} tokens: dropped {sample.dropped_turns} turn pair(s)")
+    print("-" * 60)
+    print("".join(pieces))
+    return 0

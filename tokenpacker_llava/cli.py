@@ -168,6 +168,22 @@ def _run_data_show(args: argparse.Namespace) -> int:
     )
 
 
+def _add_train(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "train",
+        help="train (stage 1 with --tune_mm_mlp_adapter, else stage 2); `train --help` lists every option",
+        add_help=False,
+    )
+    parser.add_argument("args", nargs=argparse.REMAINDER)
+    parser.set_defaults(func=_run_train)
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from tokenpacker_llava.train import main as train_main
+
+    return train_main(args.args)
+
+
 SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
     _add_convert,
     _add_data,

@@ -88,6 +88,10 @@ class TokenPackerLlavaConfig(PretrainedConfig):
         return self.vision_config.image_size // self.vision_config.patch_size
 
     @property
+    def resolved_scale_factor(self) -> int:
+        return self.projector_class.default_scale_factor if self.scale_factor is None else self.scale_factor
+
+    @property
     def num_image_tokens(self) -> int:
         """LLM tokens per image, i.e. how far one ``<image>`` placeholder expands."""
         return self.projector_class.output_tokens(self.grid_size, self.scale_factor)

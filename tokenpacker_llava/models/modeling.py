@@ -44,12 +44,21 @@ class TokenPackerLlavaPreTrainedModel(PreTrainedModel):
 
 
 class TokenPackerLlavaForConditionalGeneration(TokenPackerLlavaPreTrainedModel, GenerationMixin):
-    def __init__(self, config: TokenPackerLlavaConfig) -> None:
+    def __init__(
+        self,
+        config: TokenPackerLlavaConfig,
+        *,
+        vision_model: PreTrainedModel | None = None,
+        language_model: PreTrainedModel | None = None,
+    ) -> None:
+        """Build from ``config``; ``vision_model``/``language_model`` reuse already loaded
+        pretrained parts (see ``from_pretrained_parts``) instead of random ones."""
         super().__init__(config)
         self.vision_tower = VisionEncoder(
             config.vision_config,
             feature_layer=config.vision_feature_layer,
             multi_level_layers=config.resolved_multi_level_layers,
+            model=vision_model,
         )
         self.projector = build_projector(
             config.projector_type,
@@ -60,8 +69,55 @@ class TokenPackerLlavaForConditionalGeneration(TokenPackerLlavaPreTrainedModel, 
             scale_factor=config.scale_factor,
             **config.projector_options,
         )
-        self.language_model = AutoModelForCausalLM.from_config(config.text_config)
+        self.language_model = language_model or AutoModelForCausalLM.from_config(config.text_config)
         self.post_init()
+
+    @classmethod
+    def from_pretrained_parts(
+        cls,
+        language_model: str,
+        vision_tower: str,
+        *,
+        image_token_id: int,
+        projector_type: str = "tokenpacker",
+        scale_factor: int | None = None,
+        vision_feature_layer: int = -2,
+        multi_level_layers: list[int] | None = None,
+        projector_options: dict | None = None,
+        image_aspect_ratio: str = "pad",
+        dtype: torch.dtype | None = None,
+        attn_implementation: str | None = None,
+        trust_remote_code: bool = False,
+    ) -> TokenPackerLlavaForConditionalGeneration:
+        """The start of training: a pretrained LLM and vision tower joined by a new projector."""
+        from transformers import AutoModel
+
+        from tokenpacker_llava.models.vision import vision_config_from_pretrained
+
+        common = dict(dtype=dtype, trust_remote_code=trust_remote_code)
+        if attn_implementation is not None:
+            common["attn_implementation"] = attn_implementation
+        llm = AutoModelForCausalLM.from_pretrained(language_model, **common)
+        vision_config = vision_config_from_pretrained(vision_tower, trust_remote_code=trust_remote_code)
+        vision = AutoModel.from_pretrained(vision_tower, config=vision_config, **common)
+        config = TokenPackerLlavaConfig(
+            vision_config=vision.config,
+            text_config=llm.config,
+            projector_type=projector_type,
+            scale_factor=scale_factor,
+            vision_feature_layer=vision_feature_layer,
+            multi_level_layers=multi_level_layers,
+            projector_options=projector_options or {},
+            image_token_id=image_token_id,
+            image_aspect_ratio=image_aspect_ratio,
+        )
+        if attn_implementation is not None:
+            config._attn_implementation = attn_implementation
+        model = cls(config, vision_model=vision, language_model=llm)
+        if dtype is not None:
+            model.projector.to(dtype)
+        model.generation_config = llm.generation_config
+        return model
 
     # Embedding accessors delegate to the LLM so resize_token_embeddings, peft and
     # generation utilities work unchanged.

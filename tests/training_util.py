@@ -1,0 +1,182 @@
+"""Tiny pretrained-looking parts on disk for training tests: an LLM folder with its
+SentencePiece tokenizer, a CLIP folder with its image processor, and LLaVA-format data."""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from pathlib import Path
+
+import torch
+from conftest import tiny_text_config, tiny_vision_config, train_sentencepiece
+from PIL import Image
+from transformers import AutoModelForCausalLM, CLIPImageProcessor, CLIPVisionModel
+
+VOCAB = 400
+COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 60, 220)}
+
+
+def make_parts(root: Path) -> dict[str, Path]:
+    """LLM + tokenizer, vision tower + processor, caption data and instruction data."""
+    torch.manual_seed(0)
+    llm = root / "llm"
+    train_sentencepiece(llm)
+    AutoModelForCausalLM.from_config(tiny_text_config("llama", vocab_size=VOCAB)).save_pretrained(llm)
+    vision = root / "clip"
+    CLIPVisionModel(tiny_vision_config("clip", num_layers=4)).save_pretrained(vision)
+    CLIPImageProcessor(size={"shortest_edge": 48}, crop_size=48).save_pretrained(vision)
+    images = root / "images"
+    images.mkdir()
+    rng = random.Random(0)
+    captions, instructions = [], []
+    for index in range(24):
+        colour = rng.choice(sorted(COLOURS))
+        name = f"{index:03d}.png"
+        Image.new("RGB", (40 + index, 48), COLOURS[colour]).save(images / name)
+        captions.append(
+            {
+                "id": f"cap{index}",
+                "image": name,
+                "conversations": [
+                    {"from": "human", "value": "<image>\nDescribe the picture."},
+                    {"from": "gpt", "value": f"a {colour} square"},
+                ],
+            }
+        )
+        turns = [
+            {"from": "human", "value": "<image>\nWhat colour is the square?"},
+            {"from": "gpt", "value": f"It is {colour}."},
+        ]
+        if index % 3 == 0:
+            turns += [
+                {"from": "human", "value": "Is it a circle?"},
+                {"from": "gpt", "value": "No, a square."},
+            ]
+        instructions.append({"id": f"ins{index}", "image": name, "conversations": turns})
+        if index % 4 == 0:  # text-only rows, as in mix665k
+            instructions.append(
+                {
+                    "id": f"txt{index}",
+                    "conversations": [
+                        {"from": "human", "value": "Say hello."},
+                        {"from": "gpt", "value": "Hello to you too."},
+                    ],
+                }
+            )
+    (root / "captions.json").write_text(json.dumps(captions))
+    (root / "instructions.json").write_text(json.dumps(instructions))
+    return {
+        "llm": llm,
+        "vision": vision,
+        "images": images,
+        "captions": root / "captions.json",
+        "instructions": root / "instructions.json",
+    }
+
+
+def stage1_args(parts: dict[str, Path], output_dir: Path, *extra: str) -> list[str]:
+    return [
+        "--model_name_or_path",
+        str(parts["llm"]),
+        "--vision_tower",
+        str(parts["vision"]),
+        "--mm_projector_type",
+        "tokenpacker",
+        "--scale_factor",
+        "2",
+        "--version",
+        "plain",
+        "--tune_mm_mlp_adapter",
+        "True",
+        "--data_path",
+        str(parts["captions"]),
+        "--image_folder",
+        str(parts["images"]),
+        "--output_dir",
+        str(output_dir),
+        "--per_device_train_batch_size",
+        "4",
+        "--learning_rate",
+        "1e-3",
+        "--max_steps",
+        "4",
+        "--logging_steps",
+        "1",
+        "--save_strategy",
+        "steps",
+        "--save_steps",
+        "2",
+        "--model_max_length",
+        "128",
+        "--report_to",
+        "none",
+        "--use_cpu",
+        "True",
+        "--dataloader_num_workers",
+        "0",
+        "--seed",
+        "1",
+        "--disable_tqdm",
+        "True",
+        *extra,
+    ]
+
+
+def stage2_args(parts: dict[str, Path], output_dir: Path, projector: Path, *extra: str) -> list[str]:
+    return [
+        "--model_name_or_path",
+        str(parts["llm"]),
+        "--vision_tower",
+        str(parts["vision"]),
+        "--mm_projector_type",
+        "tokenpacker",
+        "--scale_factor",
+        "2",
+        "--version",
+        "v1",
+        "--pretrain_mm_mlp_adapter",
+        str(projector),
+        "--data_path",
+        str(parts["instructions"]),
+        "--image_folder",
+        str(parts["images"]),
+        "--output_dir",
+        str(output_dir),
+        "--per_device_train_batch_size",
+        "4",
+        "--learning_rate",
+        "2e-4",
+        "--max_steps",
+        "4",
+        "--logging_steps",
+        "1",
+        "--save_strategy",
+        "steps",
+        "--save_steps",
+        "2",
+        "--model_max_length",
+        "160",
+        "--group_by_modality_length",
+        "True",
+        "--report_to",
+        "none",
+        "--use_cpu",
+        "True",
+        "--dataloader_num_workers",
+        "0",
+        "--seed",
+        "1",
+        "--disable_tqdm",
+        "True",
+        *extra,
+    ]
+
+
+def losses(trainer) -> list[float]:
+    return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+
+
+def copy_tree(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst

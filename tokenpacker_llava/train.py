@@ -1,0 +1,154 @@
+"""``python -m tokenpacker_llava.train`` / ``tokenpacker-llava train``: both training stages.
+
+Reads top to bottom as the run: parse and validate the options (before anything heavy),
+build tokenizer and model, load the stage-1 projector, freeze per stage, build the data,
+train (resuming if asked), report skipped rows, save the final artifacts.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import transformers
+from transformers import set_seed
+
+from tokenpacker_llava.data.collate import PackedCollator, PaddedCollator
+from tokenpacker_llava.data.dataset import SampleBuilder, StreamingLlavaDataset, build_dataset
+from tokenpacker_llava.data.sources import parse_data_path
+from tokenpacker_llava.data.templates import get_template
+from tokenpacker_llava.training.arguments import (
+    DataArguments,
+    ModelArguments,
+    TrainingArguments,
+    parse_arguments,
+    resolved_config,
+    validate,
+)
+from tokenpacker_llava.training.builder import (
+    apply_lora,
+    build_model,
+    load_image_processor,
+    load_tokenizer,
+)
+from tokenpacker_llava.training.checkpoints import PreemptionCallback, resolve_resume
+from tokenpacker_llava.training.projector_io import PROJECTOR_FILE, load_projector, save_projector
+from tokenpacker_llava.training.stages import configure_stage, parameter_table
+from tokenpacker_llava.training.trainer import TokenPackerTrainer
+
+logger = logging.getLogger("tokenpacker_llava.train")
+
+CONFIG_FILE = "training_config.json"
+
+
+def setup_logging(training_args: TrainingArguments) -> None:
+    level = logging.INFO if training_args.should_log else logging.WARNING
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=level, force=True)
+    transformers.utils.logging.set_verbosity(level if level != logging.INFO else logging.WARNING)
+
+
+def run(
+    model_args: ModelArguments,
+    data_args: DataArguments,
+    training_args: TrainingArguments,
+    callbacks: list | None = None,
+) -> TokenPackerTrainer:
+    stage = model_args.stage
+    logger.info("stage: %s (template %s)", stage, model_args.template)
+    set_seed(training_args.seed)
+    resume = resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir)
+
+    tokenizer, image_token_id = load_tokenizer(model_args, training_args)
+    template = get_template(model_args.template, tokenizer)
+    model = build_model(model_args, data_args, training_args, image_token_id)
+    if model_args.pretrain_mm_mlp_adapter:
+        load_projector(model, model_args.pretrain_mm_mlp_adapter)
+
+    train_projector = stage == "pretrain" or not training_args.freeze_mm_mlp_adapter
+    configure_stage(
+        model,
+        stage,
+        train_projector=train_projector,
+        train_vision=model_args.unfreeze_mm_vision_tower,
+        train_llm=not training_args.lora_enable,
+    )
+    if training_args.gradient_checkpointing and training_args.gradient_checkpointing_kwargs is None:
+        # Non-reentrant checkpointing needs no inputs that require grad, so frozen
+        # embeddings (stage 1, LoRA) work without hooks.
+        training_args.gradient_checkpointing_kwargs = {"use_reentrant": False}
+    if training_args.lora_enable:
+        model = apply_lora(model, training_args, train_projector)
+    logger.info("parameters:\n%s", parameter_table(model))
+
+    base = getattr(model, "get_base_model", lambda: model)()
+    builder = SampleBuilder(
+        tokenizer,
+        template,
+        image_token_id=image_token_id,
+        tokens_per_image=base.config.num_image_tokens,
+        max_length=training_args.model_max_length,
+        image_processor=load_image_processor(model_args),
+        image_aspect_ratio=data_args.image_aspect_ratio,
+    )
+    sources = parse_data_path(data_args.data_path, data_args.image_folder)
+    if data_args.streaming:
+        dataset = StreamingLlavaDataset(
+            sources,
+            builder,
+            on_bad_sample=data_args.on_bad_sample,
+            seed=training_args.seed,
+            rank=training_args.process_index,
+            world_size=training_args.world_size,
+        )
+    else:
+        dataset = build_dataset(sources, builder, on_bad_sample=data_args.on_bad_sample)
+    collator = PackedCollator() if data_args.packing else PaddedCollator(tokenizer.pad_token_id)
+
+    # Samples carry metadata (row, id, skipped rows) the collator consumes: keep every column.
+    training_args.remove_unused_columns = False
+    output_dir = Path(training_args.output_dir)
+    if training_args.should_save:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        config = resolved_config(model_args, data_args, training_args)
+        (output_dir / CONFIG_FILE).write_text(json.dumps(config, indent=2, default=str))
+
+    trainer = TokenPackerTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=dataset,
+        data_collator=collator,
+        processing_class=tokenizer,
+        callbacks=[PreemptionCallback(), *(callbacks or [])],
+        image_token_id=image_token_id,
+        trainable_only_checkpoints=stage == "pretrain",
+    )
+    trainer.train(resume_from_checkpoint=resume)
+    trainer.report_skipped()
+    save_final(trainer, model_args, training_args)
+    return trainer
+
+
+def save_final(
+    trainer: TokenPackerTrainer, model_args: ModelArguments, training_args: TrainingArguments
+) -> None:
+    output_dir = Path(training_args.output_dir)
+    trainer.save_model(str(output_dir))
+    save_projector(trainer.model, output_dir / PROJECTOR_FILE)
+    if training_args.should_save and model_args.stage == "finetune":
+        load_image_processor(model_args).save_pretrained(output_dir)
+    trainer.accelerator.wait_for_everyone()
+    logger.info("saved the final %s artifacts to %s", model_args.stage, output_dir)
+
+
+def main(argv: list[str] | None = None) -> int:
+    model_args, data_args, training_args = parse_arguments(sys.argv[1:] if argv is None else argv)
+    validate(model_args, data_args, training_args)
+    setup_logging(training_args)
+    run(model_args, data_args, training_args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Training: arguments, model building and freezing per stage, the Trainer, checkpoints, LoRA."""

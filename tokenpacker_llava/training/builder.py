@@ -1,0 +1,133 @@
+"""Building what a training run needs: tokenizer, model (from parts or a saved folder), LoRA."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer, PreTrainedTokenizerBase
+
+from tokenpacker_llava.models.attention import resolve_attn_implementation
+from tokenpacker_llava.models.configuration import TokenPackerLlavaConfig
+from tokenpacker_llava.models.modeling import TokenPackerLlavaForConditionalGeneration
+from tokenpacker_llava.tokenization import ensure_image_token
+from tokenpacker_llava.training.arguments import DataArguments, ModelArguments, TrainingArguments
+
+logger = logging.getLogger(__name__)
+
+
+def is_tokenpacker_folder(path: str, trust_remote_code: bool = False) -> bool:
+    config_file = Path(path) / "config.json"
+    if config_file.is_file():
+        return json.loads(config_file.read_text()).get("model_type") == TokenPackerLlavaConfig.model_type
+    try:
+        return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code).model_type == (
+            TokenPackerLlavaConfig.model_type
+        )
+    except (OSError, ValueError):
+        return False
+
+
+def load_tokenizer(
+    model_args: ModelArguments, training_args: TrainingArguments
+) -> tuple[PreTrainedTokenizerBase, int]:
+    """The LLM's tokenizer (right padding, pad = unk as LLaVA) with ``<image>`` added."""
+    tokenizer = AutoTokenizer.from_pretrained(
+        model_args.model_name_or_path,
+        model_max_length=training_args.model_max_length,
+        padding_side="right",
+        trust_remote_code=model_args.trust_remote_code,
+    )
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.unk_token if tokenizer.unk_token is not None else tokenizer.eos_token
+        logger.info("tokenizer has no pad token; using %r", tokenizer.pad_token)
+    return tokenizer, ensure_image_token(tokenizer)
+
+
+def load_dtype(training_args: TrainingArguments) -> torch.dtype:
+    # Half-precision weights only where DeepSpeed keeps fp32 master copies; otherwise fp32
+    # weights under autocast, so the optimizer never updates bf16 parameters directly.
+    if training_args.deepspeed and training_args.bf16:
+        return torch.bfloat16
+    if training_args.deepspeed and training_args.fp16:
+        return torch.float16
+    return torch.float32
+
+
+def build_model(
+    model_args: ModelArguments,
+    data_args: DataArguments,
+    training_args: TrainingArguments,
+    image_token_id: int,
+) -> TokenPackerLlavaForConditionalGeneration:
+    attn = resolve_attn_implementation(model_args.attn_implementation)
+    dtype = load_dtype(training_args)
+    if is_tokenpacker_folder(model_args.model_name_or_path, model_args.trust_remote_code):
+        logger.info("continuing from the TokenPacker-LLaVA model %s", model_args.model_name_or_path)
+        model = TokenPackerLlavaForConditionalGeneration.from_pretrained(
+            model_args.model_name_or_path, dtype=dtype, attn_implementation=attn
+        )
+        if model.config.image_token_id != image_token_id:
+            raise ValueError(
+                f"the model's image_token_id {model.config.image_token_id} differs from the tokenizer's "
+                f"<image> id {image_token_id}"
+            )
+        return model
+    if model_args.vision_tower is None:
+        raise ValueError(f"{model_args.model_name_or_path} is a plain LLM: pass --vision_tower")
+    logger.info(
+        "building from LLM %s and vision tower %s", model_args.model_name_or_path, model_args.vision_tower
+    )
+    return TokenPackerLlavaForConditionalGeneration.from_pretrained_parts(
+        model_args.model_name_or_path,
+        model_args.vision_tower,
+        image_token_id=image_token_id,
+        projector_type=model_args.mm_projector_type,
+        scale_factor=model_args.scale_factor,
+        vision_feature_layer=model_args.mm_vision_select_layer,
+        multi_level_layers=model_args.multi_level_layers,
+        image_aspect_ratio=data_args.image_aspect_ratio,
+        dtype=dtype,
+        attn_implementation=attn,
+        trust_remote_code=model_args.trust_remote_code,
+    )
+
+
+def load_image_processor(model_args: ModelArguments):
+    source = model_args.vision_tower or model_args.model_name_or_path
+    return AutoImageProcessor.from_pretrained(source, trust_remote_code=model_args.trust_remote_code)
+
+
+def lora_target_pattern(model: TokenPackerLlavaForConditionalGeneration) -> str:
+    """A regex matching every Linear layer of the LLM except its output head (as LLaVA)."""
+    head = model.language_model.get_output_embeddings()
+    names = sorted(
+        {
+            name.rsplit(".", 1)[-1]
+            for name, module in model.language_model.named_modules()
+            if isinstance(module, nn.Linear) and module is not head
+        }
+    )
+    return rf"^language_model\..*\.({'|'.join(map(re.escape, names))})$"
+
+
+def apply_lora(
+    model: TokenPackerLlavaForConditionalGeneration, training_args: TrainingArguments, train_projector: bool
+):
+    """Wrap ``model`` with peft LoRA adapters on the LLM; the projector is trained fully."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=training_args.lora_r,
+        lora_alpha=training_args.lora_alpha,
+        lora_dropout=training_args.lora_dropout,
+        bias=training_args.lora_bias,
+        target_modules=lora_target_pattern(model),
+        modules_to_save=["projector"] if train_projector else None,
+    )
+    logger.info("LoRA r=%d alpha=%d on %s", config.r, config.lora_alpha, config.target_modules)
+    return get_peft_model(model, config)

@@ -1,0 +1,162 @@
+"""``TokenPackerTrainer``: transformers' Trainer plus what multimodal training needs.
+
+- the LLaVA length-and-modality grouped sampler (``group_by_modality_length``);
+- parameter groups with their own learning rates (``mm_projector_lr``, ``mm_vision_tower_lr``);
+- the bad rows the dataset skipped, counted across data-loader workers and reported;
+- tokens/s and the visual-token share in the logs;
+- checkpoints that are marked complete only when written, rotated only among complete ones,
+  each with the small ``projector.safetensors`` for the next stage; in stage 1 (frozen
+  backbones) a checkpoint holds the trainable projector instead of the whole model.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from transformers import Trainer
+from transformers.trainer_pt_utils import get_parameter_names
+
+from tokenpacker_llava.data.sampler import ModalityLengthGroupedSampler
+from tokenpacker_llava.training.checkpoints import mark_complete, rotate
+from tokenpacker_llava.training.projector_io import PROJECTOR_FILE, load_projector, save_projector
+
+logger = logging.getLogger(__name__)
+
+TRAINABLE_ONLY_MARKER = "trainable_only"
+
+
+class TokenPackerTrainer(Trainer):
+    def __init__(
+        self,
+        *args: Any,
+        image_token_id: int | None = None,
+        trainable_only_checkpoints: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self.image_token_id = image_token_id
+        self.trainable_only_checkpoints = trainable_only_checkpoints
+        self.skipped_samples: set[str] = set()
+        self._tokens = 0
+        self._visual_tokens = 0
+        self._window_start = time.perf_counter()
+
+    # -- data -----------------------------------------------------------------------------------
+    def _get_train_sampler(self, train_dataset=None):
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        if self.args.group_by_modality_length:
+            return ModalityLengthGroupedSampler(
+                dataset.modality_lengths,
+                batch_size=self.args.train_batch_size,
+                # LLaVA groups over everything that forms one optimizer step.
+                world_size=self.args.world_size * self.args.gradient_accumulation_steps,
+                seed=self.args.seed,
+            )
+        return super()._get_train_sampler(train_dataset)
+
+    # -- optimizer ------------------------------------------------------------------------------
+    def create_optimizer(self, model=None):
+        if self.optimizer is not None:
+            return self.optimizer
+        model = self.model if model is None else model
+        decay = set(get_parameter_names(model, [nn.LayerNorm], ["bias", "layernorm", "rmsnorm", "norm"]))
+        special = {"projector": self.args.mm_projector_lr, "vision_tower": self.args.mm_vision_tower_lr}
+        groups: dict[tuple[str, bool], list[nn.Parameter]] = {}
+        for name, parameter in model.named_parameters():
+            if not parameter.requires_grad:
+                continue
+            part = next((key for key, lr in special.items() if lr is not None and f"{key}." in name), "rest")
+            groups.setdefault((part, name in decay), []).append(parameter)
+        param_groups = []
+        for (part, with_decay), parameters in groups.items():
+            group = {"params": parameters, "weight_decay": self.args.weight_decay if with_decay else 0.0}
+            if part != "rest":
+                group["lr"] = special[part]
+            param_groups.append(group)
+        optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, model)
+        self.optimizer = optimizer_cls(param_groups, **optimizer_kwargs)
+        return self.optimizer
+
+    # -- loss and logging -----------------------------------------------------------------------
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        skipped = inputs.pop("skipped_samples", None)
+        if skipped:
+            self.skipped_samples.update(skipped)
+        input_ids = inputs["input_ids"]
+        real = (
+            inputs["attention_mask"].bool()
+            if "attention_mask" in inputs
+            else torch.ones_like(input_ids, dtype=torch.bool)
+        )
+        self._tokens += int(real.sum())
+        if self.image_token_id is not None:
+            self._visual_tokens += int(((input_ids == self.image_token_id) & real).sum())
+        return super().compute_loss(
+            model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+        )
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs:
+            now = time.perf_counter()
+            counts = torch.tensor(
+                [self._tokens, self._visual_tokens], dtype=torch.float64, device=self.args.device
+            )
+            if dist.is_available() and dist.is_initialized():
+                dist.all_reduce(counts)
+            elapsed = max(now - self._window_start, 1e-9)
+            logs["tokens_per_second"] = round(counts[0].item() / elapsed, 1)
+            logs["visual_token_share"] = round(counts[1].item() / max(counts[0].item(), 1.0), 4)
+            logs["skipped_samples"] = len(self.skipped_samples)
+            self._tokens = self._visual_tokens = 0
+            self._window_start = now
+        super().log(logs, start_time)
+
+    # -- checkpoints ----------------------------------------------------------------------------
+    def _save_checkpoint(self, model, trial) -> None:
+        # Rotation is ours: it must only ever delete complete checkpoints, after the new one is.
+        limit = self.args.save_total_limit
+        self.args.save_total_limit = None
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self.args.save_total_limit = limit
+        output_dir = Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}"
+        save_projector(self.model, output_dir / PROJECTOR_FILE)
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            mark_complete(output_dir)
+            rotate(output_dir.parent, limit, protect=output_dir)
+        self.accelerator.wait_for_everyone()
+
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        if not self.trainable_only_checkpoints:
+            return super()._save(output_dir, state_dict)
+        # Stage 1: the frozen vision tower and LLM come from their pretrained sources on resume.
+        output_dir = output_dir or self.args.output_dir
+        os.makedirs(output_dir, exist_ok=True)
+        save_projector(self.model, Path(output_dir) / PROJECTOR_FILE)
+        self.model.config.save_pretrained(output_dir)
+        Path(output_dir, TRAINABLE_ONLY_MARKER).write_text("projector only; see projector.safetensors\n")
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(output_dir)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        if Path(resume_from_checkpoint, TRAINABLE_ONLY_MARKER).is_file() and not self.is_deepspeed_enabled:
+            load_projector(model or self.model, Path(resume_from_checkpoint) / PROJECTOR_FILE)
+            return
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+
+    def report_skipped(self) -> None:
+        if not self.skipped_samples:
+            logger.info("no bad samples were skipped")
+            return
+        logger.warning("%d bad sample(s) were skipped during training:", len(self.skipped_samples))
+        for description in sorted(self.skipped_samples):
+            logger.warning("  %s", description)

@@ -1,0 +1,223 @@
+"""Training end to end on tiny local parts: both stages, exact resume, interrupted saves,
+preemption, option validation, and the stage-1 -> stage-2 projector hand-off."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from training_util import losses, make_parts, stage1_args, stage2_args
+from transformers import TrainerCallback
+
+from tokenpacker_llava import TokenPackerLlavaForConditionalGeneration
+from tokenpacker_llava.train import main, run
+from tokenpacker_llava.training.arguments import parse_arguments, validate
+from tokenpacker_llava.training.checkpoints import COMPLETE_MARKER, latest_complete_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def parts(tmp_path_factory) -> dict[str, Path]:
+    return make_parts(tmp_path_factory.mktemp("parts"))
+
+
+@pytest.fixture(scope="module")
+def stage1_dir(parts, tmp_path_factory) -> Path:
+    output = tmp_path_factory.mktemp("stage1")
+    assert main(stage1_args(parts, output)) == 0
+    return output
+
+
+def train(argv: list[str], callbacks=None):
+    model_args, data_args, training_args = parse_arguments(argv)
+    validate(model_args, data_args, training_args)
+    return run(model_args, data_args, training_args, callbacks=callbacks)
+
+
+class StopAt(TrainerCallback):
+    """Ends training after `step` (a checkpoint is saved there by save_steps)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= self.step:
+            control.should_training_stop = True
+        return control
+
+
+class SendSignal(TrainerCallback):
+    def __init__(self, step: int, signum: int) -> None:
+        self.step, self.signum = step, signum
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            os.kill(os.getpid(), self.signum)
+
+
+def test_stage1_trains_only_the_projector_and_saves_resumable_checkpoints(parts, stage1_dir) -> None:
+    config = json.loads((stage1_dir / "training_config.json").read_text())
+    assert config["stage"] == "pretrain" and config["template"] == "plain"
+    projector = load_file(stage1_dir / "projector.safetensors")
+    assert "clip_attn.in_proj_weight" in projector and "mlp.2.weight" in projector
+    for step in (2, 4):
+        checkpoint = stage1_dir / f"checkpoint-{step}"
+        for name in (COMPLETE_MARKER, "optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json"):
+            assert (checkpoint / name).is_file(), name
+        assert not (checkpoint / "model.safetensors").exists()  # frozen backbones are not copied
+    assert latest_complete_checkpoint(stage1_dir).name == "checkpoint-4"
+
+
+def test_stage2_loads_the_stage1_projector_and_saves_a_full_model(parts, stage1_dir, tmp_path) -> None:
+    output = tmp_path / "stage2"
+    trainer = train(stage2_args(parts, output, stage1_dir / "projector.safetensors", "--max_steps", "2"))
+    assert all(torch.isfinite(torch.tensor(losses(trainer))))
+    model = TokenPackerLlavaForConditionalGeneration.from_pretrained(output)
+    assert (output / "model.safetensors").is_file() and (output / "preprocessor_config.json").is_file()
+    assert model.config.projector_type == "tokenpacker" and model.config.num_image_tokens == 36
+    # The LLM was trained (full fine-tuning) and the vision tower was not.
+    pretrained = TokenPackerLlavaForConditionalGeneration.from_pretrained_parts(
+        str(parts["llm"]), str(parts["vision"]), image_token_id=model.config.image_token_id
+    )
+    assert not torch.equal(
+        model.language_model.model.layers[0].mlp.up_proj.weight,
+        pretrained.language_model.model.layers[0].mlp.up_proj.weight,
+    )
+    assert torch.equal(
+        model.vision_tower.model.encoder.layers[0].mlp.fc1.weight,
+        pretrained.vision_tower.model.encoder.layers[0].mlp.fc1.weight,
+    )
+
+
+def test_stage2_rejects_a_projector_trained_for_another_setup(parts, stage1_dir, tmp_path) -> None:
+    argv = stage2_args(parts, tmp_path / "out", stage1_dir / "projector.safetensors", "--scale_factor", "3")
+    with pytest.raises(ValueError, match="scale_factor: file '2' vs model '3'"):
+        train(argv)
+
+
+@pytest.mark.parametrize("stage", ["pretrain", "finetune"])
+def test_resume_continues_exactly(parts, stage1_dir, tmp_path, stage: str) -> None:
+    def args(output: Path, *extra: str) -> list[str]:
+        if stage == "pretrain":
+            return stage1_args(parts, output, *extra)
+        return stage2_args(parts, output, stage1_dir / "projector.safetensors", *extra)
+
+    full = losses(train(args(tmp_path / "full")))
+    interrupted = tmp_path / "interrupted"
+    first = losses(train(args(interrupted), callbacks=[StopAt(2)]))
+    assert len(first) == 2
+    second = losses(train(args(interrupted, "--resume_from_checkpoint", "auto")))
+    assert len(full) == 4 and len(second) == 4  # steps 1-2 restored from the checkpoint, 3-4 trained
+    assert first + second[2:] == pytest.approx(full, rel=1e-5, abs=1e-6)
+
+
+def test_sigterm_saves_a_checkpoint_and_stops(parts, tmp_path) -> None:
+    output = tmp_path / "preempted"
+    trainer = train(
+        stage1_args(parts, output, "--max_steps", "8", "--save_steps", "100"),
+        callbacks=[SendSignal(3, signal.SIGTERM)],
+    )
+    assert trainer.state.global_step == 4  # the step running when the signal came, then stop
+    assert (output / "checkpoint-4" / COMPLETE_MARKER).is_file()
+    assert signal.getsignal(signal.SIGTERM) is not None
+
+
+KILL_DURING_SAVE = textwrap.dedent(
+    """
+    import os, signal, sys
+    sys.path.insert(0, {tests!r})
+    from tokenpacker_llava.training.trainer import TokenPackerTrainer
+    from tokenpacker_llava.train import main
+    original = TokenPackerTrainer._save_optimizer_and_scheduler
+    def dying(self, output_dir):
+        if self.state.global_step == 4:
+            os.kill(os.getpid(), signal.SIGKILL)  # killed mid-write: weights saved, optimizer not
+        return original(self, output_dir)
+    TokenPackerTrainer._save_optimizer_and_scheduler = dying
+    main({argv!r})
+    """
+)
+
+
+def test_a_run_killed_while_saving_resumes_from_the_last_complete_checkpoint(parts, tmp_path) -> None:
+    output = tmp_path / "killed"
+    argv = stage1_args(parts, output, "--max_steps", "6")
+    script = KILL_DURING_SAVE.format(tests=str(ROOT / "tests"), argv=argv)
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == -signal.SIGKILL, result.stderr[-2000:]
+    assert (output / "checkpoint-4").is_dir() and not (output / "checkpoint-4" / COMPLETE_MARKER).exists()
+    assert latest_complete_checkpoint(output).name == "checkpoint-2"
+    resumed = losses(train(argv + ["--resume_from_checkpoint", "auto"]))
+    uninterrupted = losses(train(stage1_args(parts, tmp_path / "full", "--max_steps", "6")))
+    # The resumed history holds steps 1-2 from checkpoint-2 and steps 3-6 trained now.
+    assert len(resumed) == len(uninterrupted) == 6
+    assert resumed == pytest.approx(uninterrupted, rel=1e-5, abs=1e-6)
+    assert (output / "checkpoint-6" / COMPLETE_MARKER).is_file()
+
+
+BAD_OPTIONS = [
+    (["--lora_enable", "True"], "--tune_mm_mlp_adapter \\(stage 1\\) and --lora_enable contradict"),
+    (["--mm_projector_type", "tokenpackr"], "--mm_projector_type 'tokenpackr'"),
+    (["--version", "v9"], "--version 'v9'"),
+    (["--bits", "4"], "QLoRA\\) needs --lora_enable"),
+    (["--image_aspect_ratio", "square"], "--image_aspect_ratio"),
+    (["--mm_use_im_start_end", "True"], "not supported"),
+    (["--mm_vision_tower_lr", "1e-5"], "needs --unfreeze_mm_vision_tower"),
+    (["--on_bad_sample", "ignore"], "--on_bad_sample"),
+]
+
+
+@pytest.mark.parametrize(("extra", "message"), BAD_OPTIONS)
+def test_bad_options_fail_before_any_model_is_loaded(parts, tmp_path, extra, message, monkeypatch) -> None:
+    import tokenpacker_llava.train as entry
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a model was loaded before the options were validated")
+
+    monkeypatch.setattr(entry, "run", no_loading)
+    with pytest.raises(ValueError, match=message):
+        main(stage1_args(parts, tmp_path / "x", *extra))
+
+
+def test_unknown_options_and_config_files(parts, tmp_path) -> None:
+    with pytest.raises(ValueError, match="not used by the HfArgumentParser: \\['--no_such_option'"):
+        parse_arguments(stage1_args(parts, tmp_path / "x", "--no_such_option", "1"))
+    config = tmp_path / "run.yaml"
+    config.write_text(f"model_name_or_path: {parts['llm']}\nlearning_rate: 0.005\nscale_factor: 3\n")
+    argv = stage1_args(parts, tmp_path / "x")
+    argv = argv[2:]  # the model path comes from the file
+    model_args, _, training_args = parse_arguments(["--config", str(config), *argv])
+    assert model_args.model_name_or_path == str(parts["llm"])
+    assert training_args.learning_rate == 1e-3  # the command line wins over the file
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("lerning_rate: 0.1\n")
+    with pytest.raises(ValueError, match="unknown option\\(s\\) in the config file: lerning_rate"):
+        parse_arguments(["--config", str(bad), *argv])
+
+
+def test_train_subcommand(parts, tmp_path) -> None:
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tokenpacker_llava.train",
+            *stage1_args(parts, tmp_path / "cli", "--max_steps", "1"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "cli" / "projector.safetensors").is_file()

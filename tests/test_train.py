@@ -98,6 +98,60 @@ def test_stage2_loads_the_stage1_projector_and_saves_a_full_model(parts, stage1_
     )
 
 
+REMOTE_LOAD = textwrap.dedent(
+    """
+    import importlib.abc, sys
+    class HidePackage(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] == "tokenpacker_llava":
+                raise ModuleNotFoundError(name)
+    sys.meta_path.insert(0, HidePackage())
+    import torch, transformers
+    folder, batch_file, out = sys.argv[1:4]
+    batch = torch.load(batch_file, weights_only=True)
+    logits = {}
+    for auto in ("AutoModelForCausalLM", "AutoModelForImageTextToText"):
+        model = getattr(transformers, auto).from_pretrained(folder, trust_remote_code=True).eval()
+        with torch.no_grad():
+            logits[auto] = model(**batch).logits
+    assert not any(name.startswith("tokenpacker_llava") for name in sys.modules)
+    torch.save(logits, out)
+    """
+)
+
+
+def test_the_final_folder_loads_without_this_package(parts, stage1_dir, tmp_path) -> None:
+    output = tmp_path / "stage2"
+    train(stage2_args(parts, output, stage1_dir / "projector.safetensors", "--max_steps", "1"))
+    assert (output / "modeling_tokenpacker_llava.py").is_file() and (output / "README.md").is_file()
+    model = TokenPackerLlavaForConditionalGeneration.from_pretrained(output).eval()
+    ids = [1, 5, 6] + [model.config.image_token_id] * model.num_image_tokens + [7, 8]
+    batch = {"input_ids": torch.tensor([ids]), "pixel_values": torch.randn(1, 3, 48, 48)}
+    torch.save(batch, tmp_path / "batch.pt")
+    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1"}
+    env.pop("PYTHONPATH", None)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            REMOTE_LOAD,
+            str(output),
+            str(tmp_path / "batch.pt"),
+            str(tmp_path / "logits.pt"),
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    with torch.no_grad():
+        expected = model(**batch).logits
+    for auto, logits in torch.load(tmp_path / "logits.pt", weights_only=True).items():
+        assert torch.equal(logits, expected), auto
+
+
 def test_stage2_rejects_a_projector_trained_for_another_setup(parts, stage1_dir, tmp_path) -> None:
     argv = stage2_args(parts, tmp_path / "out", stage1_dir / "projector.safetensors", "--scale_factor", "3")
     with pytest.raises(ValueError, match="scale_factor: file '2' vs model '3'"):
@@ -206,7 +260,11 @@ def test_unknown_options_and_config_files(parts, tmp_path) -> None:
         parse_arguments(["--config", str(bad), *argv])
 
 
-def test_train_subcommand(parts, tmp_path) -> None:
+def test_train_entry_points(parts, tmp_path) -> None:
+    from tokenpacker_llava.cli import main as cli
+
+    assert cli(["train", *stage1_args(parts, tmp_path / "sub", "--max_steps", "1")]) == 0
+    assert (tmp_path / "sub" / "projector.safetensors").is_file()
     result = subprocess.run(
         [
             sys.executable,
@@ -221,3 +279,41 @@ def test_train_subcommand(parts, tmp_path) -> None:
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "cli" / "projector.safetensors").is_file()
+
+
+def test_lora_stage2_and_merge(parts, stage1_dir, tmp_path) -> None:
+    from tokenpacker_llava.cli import main as cli
+
+    output = tmp_path / "lora"
+    argv = stage2_args(
+        parts,
+        output,
+        stage1_dir / "projector.safetensors",
+        "--lora_enable",
+        "True",
+        "--lora_r",
+        "4",
+        "--lora_alpha",
+        "8",
+        "--max_steps",
+        "3",
+    )
+    trainer = train(argv)
+    peft_model = trainer.model
+    assert (output / "adapter_model.safetensors").is_file() and (output / "adapter_config.json").is_file()
+    trainable = {n for n, p in peft_model.named_parameters() if p.requires_grad}
+    assert any("lora_A" in n for n in trainable) and any("projector.modules_to_save" in n for n in trainable)
+    assert not any("vision_tower" in n for n in trainable)
+    assert not any(n.endswith("up_proj.base_layer.weight") for n in trainable)
+
+    merged_dir = tmp_path / "merged"
+    assert cli(["merge-lora", "--run_dir", str(output), "--output_dir", str(merged_dir)]) == 0
+    merged = TokenPackerLlavaForConditionalGeneration.from_pretrained(merged_dir).eval()
+    peft_model.eval()
+    ids = torch.tensor([[1, 5, 6, 7, 8]])
+    with torch.no_grad():
+        torch.testing.assert_close(
+            merged(input_ids=ids).logits, peft_model(input_ids=ids).logits, rtol=1e-4, atol=1e-5
+        )
+    trained_projector = load_file(output / "projector.safetensors")
+    torch.testing.assert_close(merged.projector.mlp[2].weight, trained_projector["mlp.2.weight"])

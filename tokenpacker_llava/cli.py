@@ -169,24 +169,57 @@ def _run_data_show(args: argparse.Namespace) -> int:
 
 
 def _add_train(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
+    # Listed for --help only: main() hands `train ...` to the trainer's own parser directly.
+    subparsers.add_parser(
         "train",
         help="train (stage 1 with --tune_mm_mlp_adapter, else stage 2); `train --help` lists every option",
         add_help=False,
     )
-    parser.add_argument("args", nargs=argparse.REMAINDER)
-    parser.set_defaults(func=_run_train)
 
 
-def _run_train(args: argparse.Namespace) -> int:
-    from tokenpacker_llava.train import main as train_main
+def _add_merge_lora(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "merge-lora", help="merge a LoRA run's adapters into a standalone model folder"
+    )
+    parser.add_argument("--run_dir", required=True, help="output_dir of the LoRA training run")
+    parser.add_argument("--output_dir", required=True, help="where to write the merged model")
+    parser.add_argument("--dtype", choices=DTYPES, help="cast the merged weights")
+    parser.set_defaults(func=_run_merge_lora)
 
-    return train_main(args.args)
+
+def _run_merge_lora(args: argparse.Namespace) -> int:
+    import torch
+
+    from tokenpacker_llava.training.merge import merge_lora
+
+    dst = merge_lora(args.run_dir, args.output_dir, dtype=getattr(torch, args.dtype) if args.dtype else None)
+    print(f"merged {args.run_dir} -> {dst}")
+    return 0
+
+
+def _add_push(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "push", help="upload a saved model folder to the Hugging Face Hub (with remote code and a model card)"
+    )
+    parser.add_argument("--folder", required=True)
+    parser.add_argument("--repo_id", required=True, help="e.g. your-name/tokenpacker-7b-144")
+    parser.add_argument("--private", action="store_true")
+    parser.set_defaults(func=_run_push)
+
+
+def _run_push(args: argparse.Namespace) -> int:
+    from tokenpacker_llava.export import push_folder
+
+    print(push_folder(args.folder, args.repo_id, private=args.private))
+    return 0
 
 
 SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
-    _add_convert,
+    _add_train,
+    _add_merge_lora,
     _add_data,
+    _add_convert,
+    _add_push,
     _add_projectors,
 )
 
@@ -204,6 +237,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["train"]:
+        # Every option after `train` belongs to the trainer's own (HfArgumentParser) parser.
+        from tokenpacker_llava.train import main as train_main
+
+        return train_main(argv[1:])
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return args.func(args)

@@ -56,6 +56,19 @@ def run(
     callbacks: list | None = None,
 ) -> TokenPackerTrainer:
     stage = model_args.stage
+    # Sets up torch.distributed now: ZeRO-3 partitions parameters while the models load and
+    # must see the real world size by then.
+    logger.info(
+        "device %s, process %d of %d",
+        training_args.device,
+        training_args.process_index,
+        training_args.world_size,
+    )
+    if training_args.deepspeed:
+        import deepspeed
+
+        # zero.Init (ZeRO-3 loading) asks deepspeed.comm, not torch.distributed, for the world size.
+        deepspeed.init_distributed(dist_backend="gloo" if training_args.use_cpu else "nccl")
     logger.info("stage: %s (template %s)", stage, model_args.template)
     set_seed(training_args.seed)
     resume = resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir)
@@ -108,6 +121,14 @@ def run(
 
     # Samples carry metadata (row, id, skipped rows) the collator consumes: keep every column.
     training_args.remove_unused_columns = False
+    # The final folder is pushed once, complete (remote code, card), by save_final rather
+    # than by the Trainer at every save.
+    push_to = (
+        (training_args.hub_model_id or Path(training_args.output_dir).name)
+        if training_args.push_to_hub
+        else None
+    )
+    training_args.push_to_hub = False
     output_dir = Path(training_args.output_dir)
     if training_args.should_save:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -126,20 +147,45 @@ def run(
     )
     trainer.train(resume_from_checkpoint=resume)
     trainer.report_skipped()
-    save_final(trainer, model_args, training_args)
+    save_final(trainer, model_args, data_args, training_args, push_to)
     return trainer
 
 
 def save_final(
-    trainer: TokenPackerTrainer, model_args: ModelArguments, training_args: TrainingArguments
+    trainer: TokenPackerTrainer,
+    model_args: ModelArguments,
+    data_args: DataArguments,
+    training_args: TrainingArguments,
+    push_to: str | None,
 ) -> None:
+    """Stage 1: the projector file. Stage 2: a model folder that loads with this package or,
+    via the bundled remote code, with transformers alone; LoRA runs keep the adapter."""
+    from tokenpacker_llava.export import push_folder, write_model_card, write_remote_code
+
     output_dir = Path(training_args.output_dir)
     trainer.save_model(str(output_dir))
     save_projector(trainer.model, output_dir / PROJECTOR_FILE)
-    if training_args.should_save and model_args.stage == "finetune":
+    full_model = model_args.stage == "finetune" and not training_args.lora_enable
+    if training_args.should_save and full_model:
         load_image_processor(model_args).save_pretrained(output_dir)
+        write_remote_code(output_dir)
+        write_model_card(
+            output_dir,
+            training_config=json.loads((output_dir / CONFIG_FILE).read_text()),
+            base_models={
+                "language_model": model_args.model_name_or_path,
+                "vision_tower": model_args.vision_tower or "",
+            },
+            datasets=[path for path in data_args.data_path if not Path(path).exists()],
+            repo_id=push_to,
+        )
     trainer.accelerator.wait_for_everyone()
     logger.info("saved the final %s artifacts to %s", model_args.stage, output_dir)
+    if push_to and training_args.should_save:
+        url = push_folder(
+            output_dir, push_to, token=training_args.hub_token, private=bool(training_args.hub_private_repo)
+        )
+        logger.info("pushed %s to %s", output_dir, url)
 
 
 def main(argv: list[str] | None = None) -> int:

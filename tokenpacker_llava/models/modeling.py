@@ -144,6 +144,17 @@ class TokenPackerLlavaForConditionalGeneration(TokenPackerLlavaPreTrainedModel, 
         multi_level = vision.multi_level.to(dtype) if vision.multi_level is not None else None
         return self.projector(vision.features.to(dtype), multi_level=multi_level)
 
+    def _zero_image_contribution(self, like: torch.Tensor) -> torch.Tensor:
+        """0 x the features of a blank image, for text-only training batches.
+
+        Every rank then runs the vision tower and projector at every step: under ZeRO-3 a rank
+        that skipped them would leave the others waiting in their parameter all-gathers (a
+        hang), and under DDP the projector's parameters would be unused (an error).
+        """
+        vision = self.config.vision_config
+        blank = like.new_zeros(1, vision.num_channels, vision.image_size, vision.image_size)
+        return self.get_image_features(blank).sum().to(like.dtype) * 0.0
+
     def image_token_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
         if self.config.image_token_id is None:
             return torch.zeros_like(input_ids, dtype=torch.bool)
@@ -160,6 +171,8 @@ class TokenPackerLlavaForConditionalGeneration(TokenPackerLlavaPreTrainedModel, 
                 raise ValueError(
                     f"input_ids contain {num_placeholders} image placeholder tokens but no pixel_values were given"
                 )
+            if self.training and torch.is_grad_enabled():
+                inputs_embeds = inputs_embeds + self._zero_image_contribution(inputs_embeds)
             return inputs_embeds
         if self.config.image_token_id is None:
             raise ValueError("pixel_values were given but config.image_token_id is not set")

@@ -131,6 +131,18 @@ class TrainingArguments(transformers.TrainingArguments):
     bits: int = field(default=16, metadata={"help": "16 (no quantization), or 8/4 for QLoRA (CUDA)."})
     double_quant: bool = True
     quant_type: str = "nf4"
+    warmup_ratio: float | None = field(
+        default=None,
+        metadata={"help": "LLaVA's name: warmup as a fraction of the steps (sets --warmup_steps)."},
+    )
+
+    def __post_init__(self) -> None:
+        if self.warmup_ratio is not None:
+            if not 0 <= self.warmup_ratio < 1:
+                raise ValueError(f"--warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+            # transformers 5 reads a fractional warmup_steps as a ratio of the total steps.
+            self.warmup_steps = self.warmup_ratio
+        super().__post_init__()
 
 
 def build_parser() -> HfArgumentParser:

@@ -47,6 +47,17 @@ def projector_metadata(config: TokenPackerLlavaConfig) -> dict[str, str]:
     }
 
 
+def trained_projector(model: nn.Module) -> nn.Module:
+    """The projector being trained, through a peft wrapper (``modules_to_save`` copy) if any."""
+    base = getattr(model, "get_base_model", lambda: model)()
+    projector = base.projector
+    copies = getattr(projector, "modules_to_save", None)
+    if copies is not None:
+        active = getattr(projector, "active_adapters", None) or ["default"]
+        projector = copies[active[0]]
+    return projector
+
+
 def _is_partitioned(parameters: list[nn.Parameter]) -> bool:
     return any(hasattr(p, "ds_id") for p in parameters)
 
@@ -69,9 +80,10 @@ def save_projector(model: nn.Module, path: str | Path) -> Path:
     """Write the projector and its metadata (on the main process only under ZeRO-3)."""
     path = Path(path)
     base = getattr(model, "get_base_model", lambda: model)()
-    with gathered(base.projector, modify=False) as is_writer:
+    projector = trained_projector(model)
+    with gathered(projector, modify=False) as is_writer:
         if is_writer:
-            tensors = {k: v.detach().cpu().contiguous() for k, v in base.projector.state_dict().items()}
+            tensors = {k: v.detach().cpu().contiguous() for k, v in projector.state_dict().items()}
             path.parent.mkdir(parents=True, exist_ok=True)
             save_file(tensors, str(path), metadata=projector_metadata(base.config))
     return path
@@ -85,7 +97,7 @@ def load_projector(model: nn.Module, path: str | Path) -> None:
     """
     path = Path(path)
     base = getattr(model, "get_base_model", lambda: model)()
-    projector = base.projector
+    projector = trained_projector(model)
     if path.suffix == ".safetensors":
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata() or {}

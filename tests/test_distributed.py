@@ -160,3 +160,13 @@ def test_lora_under_zero3(parts, zero2_stage1, tmp_path) -> None:
     )
     assert (output / "adapter_model.safetensors").is_file()
     assert len(logged_losses(output / "checkpoint-2")) == 2
+
+
+def test_plain_ddp_stage2(parts, zero2_stage1, tmp_path) -> None:
+    # No DeepSpeed: torch DDP over gloo. Text-only batches still use the projector, so DDP
+    # never meets an unused trainable parameter.
+    output = tmp_path / "ddp"
+    torchrun(stage2_args(parts, output, zero2_stage1 / "projector.safetensors"))
+    losses = logged_losses(output / "checkpoint-4")
+    assert len(losses) == 4 and all(torch.isfinite(torch.tensor(losses)))
+    assert TokenPackerLlavaForConditionalGeneration.from_pretrained(output).config.num_image_tokens == 36

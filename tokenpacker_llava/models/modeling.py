@@ -88,8 +88,12 @@ class TokenPackerLlavaForConditionalGeneration(TokenPackerLlavaPreTrainedModel, 
         dtype: torch.dtype | None = None,
         attn_implementation: str | None = None,
         trust_remote_code: bool = False,
+        llm_quantization_config: Any | None = None,
     ) -> TokenPackerLlavaForConditionalGeneration:
-        """The start of training: a pretrained LLM and vision tower joined by a new projector."""
+        """The start of training: a pretrained LLM and vision tower joined by a new projector.
+
+        ``llm_quantization_config`` (e.g. bitsandbytes 4-bit for QLoRA) applies to the LLM only.
+        """
         from transformers import AutoModel
 
         from tokenpacker_llava.models.vision import vision_config_from_pretrained
@@ -97,7 +101,9 @@ class TokenPackerLlavaForConditionalGeneration(TokenPackerLlavaPreTrainedModel, 
         common = dict(dtype=dtype, trust_remote_code=trust_remote_code)
         if attn_implementation is not None:
             common["attn_implementation"] = attn_implementation
-        llm = AutoModelForCausalLM.from_pretrained(language_model, **common)
+        llm = AutoModelForCausalLM.from_pretrained(
+            language_model, quantization_config=llm_quantization_config, **common
+        )
         vision_config = vision_config_from_pretrained(vision_tower, trust_remote_code=trust_remote_code)
         vision = AutoModel.from_pretrained(vision_tower, config=vision_config, **common)
         config = TokenPackerLlavaConfig(

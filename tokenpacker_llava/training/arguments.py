@@ -243,7 +243,15 @@ def validate(model_args: ModelArguments, data_args: DataArguments, training_args
     )
     check(training_args.bits in (4, 8, 16), f"--bits {training_args.bits}: choose 16, 8 or 4")
     if training_args.bits != 16:
+        import importlib.util
+
+        import torch
+
         check(training_args.lora_enable, f"--bits {training_args.bits} (QLoRA) needs --lora_enable")
+        check(
+            torch.cuda.is_available() and importlib.util.find_spec("bitsandbytes") is not None,
+            f"--bits {training_args.bits} (QLoRA) needs a CUDA device and the bitsandbytes package",
+        )
     check(training_args.lora_bias in ("none", "all", "lora_only"), "--lora_bias: none, all or lora_only")
     check(data_args.image_aspect_ratio in ("pad", "resize"), "--image_aspect_ratio: pad or resize")
     check(data_args.on_bad_sample in ("error", "skip"), "--on_bad_sample: error or skip")

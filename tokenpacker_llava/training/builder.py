@@ -94,6 +94,24 @@ def build_model(
         dtype=dtype,
         attn_implementation=attn,
         trust_remote_code=model_args.trust_remote_code,
+        llm_quantization_config=quantization_config(training_args),
+    )
+
+
+def quantization_config(training_args: TrainingArguments):
+    """bitsandbytes settings of LLaVA's QLoRA (``--bits 4/8``), or None for 16-bit training."""
+    if training_args.bits == 16:
+        return None
+    from transformers import BitsAndBytesConfig
+
+    compute = torch.bfloat16 if training_args.bf16 else torch.float16 if training_args.fp16 else torch.float32
+    return BitsAndBytesConfig(
+        load_in_4bit=training_args.bits == 4,
+        load_in_8bit=training_args.bits == 8,
+        bnb_4bit_compute_dtype=compute,
+        bnb_4bit_use_double_quant=training_args.double_quant,
+        bnb_4bit_quant_type=training_args.quant_type,
+        llm_int8_skip_modules=["vision_tower", "projector"],
     )
 
 
@@ -119,7 +137,12 @@ def apply_lora(
     model: TokenPackerLlavaForConditionalGeneration, training_args: TrainingArguments, train_projector: bool
 ):
     """Wrap ``model`` with peft LoRA adapters on the LLM; the projector is trained fully."""
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if training_args.bits != 16:
+        model.language_model = prepare_model_for_kbit_training(
+            model.language_model, use_gradient_checkpointing=training_args.gradient_checkpointing
+        )
 
     config = LoraConfig(
         r=training_args.lora_r,

@@ -367,3 +367,24 @@ def test_unfrozen_vision_tower_gets_its_own_learning_rate(parts, stage1_dir, tmp
                 group.get("initial_lr", group["lr"])
             )
     assert by_lr == {"vision_tower": {1e-5}, "projector": {3e-4}, "language_model": {2e-4}}
+
+
+def test_skip_policy_through_the_entry_point(parts, stage1_dir, tmp_path, caplog) -> None:
+    rows = json.loads(parts["instructions"].read_text())
+    rows.insert(1, {"id": "no-image-file", "image": "missing.png", "conversations": rows[0]["conversations"]})
+    rows.insert(5, {"id": "no-answer", "conversations": [{"from": "human", "value": "hi"}]})
+    data = tmp_path / "with_bad_rows.json"
+    data.write_text(json.dumps(rows))
+    argv = stage2_args(parts, tmp_path / "skip", stage1_dir / "projector.safetensors", "--on_bad_sample", "skip")
+    argv[argv.index("--data_path") + 1] = str(data)
+    argv[argv.index("--max_steps") + 1] = "9"  # one epoch of 32 rows / 4, and a bit
+    with caplog.at_level("WARNING"):
+        trainer = train(argv)
+    assert len(trainer.skipped_samples) == 2
+    assert "2 bad sample(s) were skipped during training" in caplog.text
+    assert "id 'no-image-file'" in caplog.text and "missing_image" in caplog.text
+    assert "id 'no-answer'" in caplog.text and "no_assistant_turn" in caplog.text
+    with pytest.raises(Exception, match="row 1, id 'no-image-file': missing_image"):
+        argv[argv.index("--on_bad_sample") + 1] = "error"
+        argv[argv.index("--output_dir") + 1] = str(tmp_path / "error")
+        train(argv)

@@ -154,9 +154,18 @@ class TokenPackerTrainer(Trainer):
         super()._load_from_checkpoint(resume_from_checkpoint, model)
 
     def report_skipped(self) -> None:
-        if not self.skipped_samples:
+        """Log every bad row skipped on any rank (each rank saw only its own share)."""
+        skipped = set(self.skipped_samples)
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            gathered: list[set[str] | None] = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, skipped)
+            skipped = set().union(*(part or set() for part in gathered))
+        self.skipped_samples = skipped
+        if not self.args.should_log:
+            return
+        if not skipped:
             logger.info("no bad samples were skipped")
             return
-        logger.warning("%d bad sample(s) were skipped during training:", len(self.skipped_samples))
-        for description in sorted(self.skipped_samples):
+        logger.warning("%d bad sample(s) were skipped during training:", len(skipped))
+        for description in sorted(skipped):
             logger.warning("  %s", description)

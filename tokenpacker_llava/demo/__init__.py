@@ -1,0 +1,1 @@
+"""The embedded demo: a synthetic fine-detail dataset and a tiny TokenPacker MLLM trained on CPU."""

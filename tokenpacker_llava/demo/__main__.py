@@ -1,0 +1,5 @@
+import sys
+
+from tokenpacker_llava.demo.run import main
+
+sys.exit(main())

@@ -11,6 +11,8 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 
+from tokenpacker_llava.inference.commands import add_answer, add_chat, add_eval, add_merge_answers, add_score
+
 DTYPES = ("float32", "float16", "bfloat16")
 
 
@@ -221,6 +223,11 @@ SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
     _add_convert,
     _add_push,
     _add_projectors,
+    add_chat,
+    add_answer,
+    add_merge_answers,
+    add_eval,
+    add_score,
 )
 
 

@@ -42,7 +42,7 @@ class DemoSettings:
     patch_size: int = 8
     vision_steps: int = 300
     stage1_epochs: float = 1.0
-    stage2_epochs: float = 3.0
+    stage2_epochs: float = 4.0
     batch_size: int = 16
     max_steps: int = -1  # >0 caps each stage (the quick test)
 

@@ -1,9 +1,10 @@
 """A seeded, procedurally generated dataset whose questions need fine detail.
 
-Each 64 x 64 image is a 4 x 4 grid of 16 px cells; a few cells hold a small coloured shape.
-Stage 1 gets a caption listing every shape with its cell; stage 2 gets multi-turn questions
-about one cell's colour or shape, whether a cell is occupied, and how many shapes of a kind
-there are. The held-out split keeps one question per row with its exact-match answer and
+Each 64 x 64 image is a 4 x 4 grid of 16 px cells; 2-6 cells hold a small (10-13 px)
+coloured shape. Stage 1 gets a caption listing every shape with its cell; stage 2 gets
+multi-turn questions: the colour of the one circle/square/triangle, the shape of the one
+red/green/... shape, whether a given coloured shape is present, and how many shapes of a
+kind there are. The held-out split keeps one question per row with its exact-match answer and
 question type, so accuracy can be reported per type against the majority-answer baseline.
 """
 
@@ -64,19 +65,32 @@ def caption(scene: Scene) -> str:
 
 
 def question(scene: Scene, kind: str, rng: random.Random) -> tuple[str, str]:
-    if kind in ("colour", "shape"):
-        (row, col), (shape, colour) = rng.choice(sorted(scene.cells.items()))
-        if kind == "colour":
-            return f"What colour is the shape in row {row}, column {col}?", colour
-        return f"What shape is in row {row}, column {col}?", shape
+    """One question of ``kind`` about ``scene`` and its exact answer.
+
+    Questions name shapes by their content (colour, kind), not their cell, so answering means
+    finding the right small shape among the packed visual tokens and reading it precisely.
+    """
+    shapes = list(scene.cells.values())
+    if kind == "colour":
+        unique = [s for s in SHAPES if sum(shape == s for shape, _ in shapes) == 1]
+        if unique:
+            target = rng.choice(unique)
+            return f"What colour is the {target}?", next(c for s, c in shapes if s == target)
+        kind = "count"  # no shape kind occurs exactly once: ask a count instead
+    if kind == "shape":
+        unique = [c for c in sorted(COLOURS) if sum(colour == c for _, colour in shapes) == 1]
+        if unique:
+            target = rng.choice(unique)
+            return f"What shape is {target}?", next(s for s, c in shapes if c == target)
+        kind = "count"
     if kind == "exists":
-        row, col = rng.randint(1, GRID), rng.randint(1, GRID)
-        if rng.random() < 0.5 and scene.cells:  # balance yes and no
-            row, col = rng.choice(sorted(scene.cells))
-        return f"Is there a shape in row {row}, column {col}?", "yes" if (row, col) in scene.cells else "no"
+        if rng.random() < 0.5:  # balance yes and no
+            shape, colour = rng.choice(shapes)
+        else:
+            shape, colour = rng.choice(SHAPES), rng.choice(sorted(COLOURS))
+        return f"Is there a {colour} {shape}?", "yes" if (shape, colour) in shapes else "no"
     shape = rng.choice(SHAPES)
-    count = sum(s == shape for s, _ in scene.cells.values())
-    return f"How many {shape}s are there?", str(count)
+    return f"How many {shape}s are there?", str(sum(s == shape for s, _ in shapes))
 
 
 def write_split(folder: Path, split: str, count: int, seed: int) -> Path:

@@ -46,7 +46,7 @@ import logging
 import os
 import string
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -115,7 +115,9 @@ def _rows(path: Path) -> Iterator[tuple[str, int, Any]]:
                 try:
                     yield where, number, json.loads(line)
                 except json.JSONDecodeError as error:
-                    raise QuestionFileError(f"{where}: invalid JSON ({error.msg} at column {error.colno})") from None
+                    raise QuestionFileError(
+                        f"{where}: invalid JSON ({error.msg} at column {error.colno})"
+                    ) from None
     elif path.suffix == ".json":
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
@@ -128,7 +130,9 @@ def _rows(path: Path) -> Iterator[tuple[str, int, Any]]:
         for index, item in enumerate(data):
             yield f"{path.name} item {index}", index, item
     else:
-        raise QuestionFileError(f"{path}: question files are .jsonl or .json, not {path.suffix or 'extensionless'}")
+        raise QuestionFileError(
+            f"{path}: question files are .jsonl or .json, not {path.suffix or 'extensionless'}"
+        )
 
 
 def _options(raw: Any, where: str) -> tuple[str, ...]:
@@ -219,7 +223,9 @@ def load_questions(path: str | Path) -> list[Question]:
 def select_shard(questions: Sequence[Question], num_shards: int, shard_index: int) -> list[Question]:
     """The questions whose index in the file is ``shard_index`` modulo ``num_shards``."""
     if num_shards < 1 or not 0 <= shard_index < num_shards:
-        raise ValueError(f"need num_shards >= 1 and 0 <= shard_index < num_shards, got {shard_index}/{num_shards}")
+        raise ValueError(
+            f"need num_shards >= 1 and 0 <= shard_index < num_shards, got {shard_index}/{num_shards}"
+        )
     return [question for index, question in enumerate(questions) if index % num_shards == shard_index]
 
 
@@ -229,7 +235,9 @@ def shard_file(answers_file: str | Path, shard_index: int, num_shards: int) -> P
     answers_file = Path(answers_file)
     if num_shards == 1:
         return answers_file
-    return answers_file.with_name(f"{answers_file.stem}.shard-{shard_index}-of-{num_shards}{answers_file.suffix}")
+    return answers_file.with_name(
+        f"{answers_file.stem}.shard-{shard_index}-of-{num_shards}{answers_file.suffix}"
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -281,12 +289,13 @@ def read_answers(path: str | Path) -> list[dict]:
 
 
 def _existing_answers(
-    path: Path, questions: Sequence[Question], model_id: str, settings: Mapping[str, Any]
+    path: Path, prompts: Mapping[str, str], model_id: str, settings: Mapping[str, Any]
 ) -> set[str]:
-    """Keys of the questions ``path`` already answers, after checking it belongs to this run."""
+    """Keys of the questions ``path`` already answers, after checking it belongs to this run
+    (``prompts``: question key -> the prompt this run asks)."""
     if not path.exists():
         return set()
-    wanted = {question.key for question in questions}
+    wanted = prompts
     done: set[str] = set()
     for number, _, answer in read_answer_lines(path, repair=True):
         where = f"{path.name} line {number}"
@@ -301,6 +310,11 @@ def _existing_answers(
         if answer.get("model_id") != model_id:
             raise QuestionFileError(
                 f"{where}: written by model {answer.get('model_id')!r}, not {model_id!r}; use another answers file"
+            )
+        if answer.get("prompt") != prompts[key]:
+            raise QuestionFileError(
+                f"{where}: question_id {answer['question_id']!r} was asked {answer.get('prompt')!r}, this run asks "
+                f"{prompts[key]!r} (another question file or prompt suffix?); use another answers file"
             )
         metadata = answer.get("metadata") or {}
         differing = {k: metadata.get(k) for k in SETTINGS_KEYS if metadata.get(k) != settings.get(k)}
@@ -321,7 +335,6 @@ class AnswerRun:
     total: int  # questions of this shard
     previously_answered: int
     answered: int = 0
-    errors: list[str] = field(default_factory=list)
 
     @property
     def complete(self) -> bool:
@@ -369,7 +382,8 @@ def answer_questions(
     shard = select_shard(questions, num_shards, shard_index)
     path = shard_file(answers_file, shard_index, num_shards)
     run_settings = {"template": loaded.template_name, **settings.as_dict()}
-    done = _existing_answers(path, shard, loaded.model_id, run_settings)
+    prompts = {question.key: question.prompt(prompt_suffix) for question in shard}
+    done = _existing_answers(path, prompts, loaded.model_id, run_settings)
     pending = [question for question in shard if question.key not in done]
     if max_questions is not None:
         pending = pending[: max(0, max_questions)]
@@ -393,16 +407,22 @@ def answer_questions(
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a", encoding="utf-8") as handle:
         for batch in _batches(pending, batch_size):
-            prompts, images, texts = [], [], []
+            token_ids, images, texts = [], [], []
             for question in batch:
                 try:
                     image = preprocessor(question.image) if question.image is not None else None
                 except BadSample as error:
                     raise _located(error, question) from None
-                texts.append(question.prompt(prompt_suffix))
-                prompts.append(loaded.prompt_ids(question.turns(prompt_suffix)))
+                ids = loaded.prompt_ids(question.turns(prompt_suffix))
+                if loaded.max_length is not None and len(ids) >= loaded.max_length:
+                    raise QuestionFileError(
+                        f"{question.where} (question_id {question.question_id!r}): the prompt is {len(ids)} "
+                        f"tokens, which leaves no room for an answer in the model's context of {loaded.max_length}"
+                    )
+                texts.append(prompts[question.key])
+                token_ids.append(ids)
                 images.append(image)
-            outputs = generate(loaded, prompts, images, settings)
+            outputs = generate(loaded, token_ids, images, settings)
             lines = []
             for question, prompt, output in zip(batch, texts, outputs, strict=True):
                 metadata: dict[str, Any] = {"image": question.image, **run_settings}
@@ -443,7 +463,9 @@ def merge_answer_files(
             where = f"{shard.name} line {number}"
             key = question_key(answer["question_id"])
             if key not in wanted:
-                raise QuestionFileError(f"{where}: question_id {answer['question_id']!r} is not in the question file")
+                raise QuestionFileError(
+                    f"{where}: question_id {answer['question_id']!r} is not in the question file"
+                )
             if key in by_key:
                 raise QuestionFileError(
                     f"{where}: question_id {answer['question_id']!r} is also answered at {by_key[key][1]}"

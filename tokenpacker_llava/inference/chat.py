@@ -64,7 +64,10 @@ def interactive(session: ChatSession, stdin: TextIO | None = None, stdout: TextI
     stdout = stdout if stdout is not None else sys.stdout
     about = f" about {session.image}" if session.image else ""
     commands = ", ".join(f"{name} ({what})" for name, what in COMMANDS.items())
-    print(f"Chatting with {session.loaded.model_id}{about}. Commands: {commands}; end of input quits.", file=stdout)
+    print(
+        f"Chatting with {session.loaded.model_id}{about}. Commands: {commands}; end of input quits.",
+        file=stdout,
+    )
     while True:
         stdout.write("USER: ")
         stdout.flush()

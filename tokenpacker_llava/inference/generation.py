@@ -36,6 +36,10 @@ class GenerationSettings:
     num_beams: int = 1
 
     def __post_init__(self) -> None:
+        # Stored as given into answer metadata: 0 and 0.0 must read back the same.
+        object.__setattr__(self, "temperature", float(self.temperature))
+        if self.top_p is not None:
+            object.__setattr__(self, "top_p", float(self.top_p))
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.temperature < 0:
@@ -86,7 +90,9 @@ def stop_token_ids(loaded: LoadedModel) -> list[int]:
         if marker in added:
             add(added[marker])
     if not ids:
-        raise ValueError("the tokenizer has no EOS token and the model no eos_token_id: generation could not stop")
+        raise ValueError(
+            "the tokenizer has no EOS token and the model no eos_token_id: generation could not stop"
+        )
     return ids
 
 

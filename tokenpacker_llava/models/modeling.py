@@ -117,8 +117,8 @@ class TokenPackerLlavaForConditionalGeneration(TokenPackerLlavaPreTrainedModel, 
             image_token_id=image_token_id,
             image_aspect_ratio=image_aspect_ratio,
         )
-        if attn_implementation is not None:
-            config._attn_implementation = attn_implementation
+        # The parts were loaded with the requested (or default) backend; keep it for the whole.
+        config._attn_implementation = attn_implementation or llm.config._attn_implementation
         model = cls(config, vision_model=vision, language_model=llm)
         if dtype is not None:
             model.projector.to(dtype)

@@ -6,8 +6,6 @@ SentencePiece model trained here, so the real loading paths run on folders the t
 
 from __future__ import annotations
 
-import io
-import json
 from pathlib import Path
 
 import pytest
@@ -21,6 +19,7 @@ from transformers import (
 )
 
 from tokenpacker_llava import TokenPackerLlavaConfig, TokenPackerLlavaForConditionalGeneration
+from tokenpacker_llava.tokenization import train_llama_tokenizer
 
 VOCAB_SIZE = 300
 IMAGE_TOKEN_ID = VOCAB_SIZE  # outside the embedding table, as after ensure_image_token on a full vocab
@@ -106,45 +105,14 @@ def multimodal_batch(
 
 
 def train_sentencepiece(folder: Path, *, legacy: bool = False, vocab_size: int = 400) -> Path:
-    """Train a small byte-fallback BPE SentencePiece model and save it as a Llama tokenizer folder."""
-    import sentencepiece as spm
-
+    """A small byte-fallback BPE SentencePiece model saved as a Llama tokenizer folder."""
     corpus = [
         "the quick brown fox jumps over the lazy dog",
         "a picture of a red square and a blue circle in row 3 column 5",
         "USER: what is in the image? ASSISTANT: a small green triangle.",
         "A chat between a curious user and an artificial intelligence assistant.",
     ] * 40
-    buffer = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(corpus),
-        model_writer=buffer,
-        vocab_size=vocab_size,
-        model_type="bpe",
-        unk_id=0,
-        bos_id=1,
-        eos_id=2,
-        pad_id=-1,
-        byte_fallback=True,
-        character_coverage=1.0,
-        minloglevel=2,
-    )
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "tokenizer.model").write_bytes(buffer.getvalue())
-    (folder / "tokenizer_config.json").write_text(
-        json.dumps(
-            {
-                "tokenizer_class": "LlamaTokenizer",
-                "legacy": legacy,
-                "bos_token": "<s>",
-                "eos_token": "</s>",
-                "unk_token": "<unk>",
-                "add_bos_token": True,
-                "add_eos_token": False,
-            }
-        )
-    )
-    return folder
+    return train_llama_tokenizer(corpus, folder, vocab_size=vocab_size, legacy=legacy)
 
 
 @pytest.fixture(scope="session")

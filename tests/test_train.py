@@ -375,7 +375,9 @@ def test_skip_policy_through_the_entry_point(parts, stage1_dir, tmp_path, caplog
     rows.insert(5, {"id": "no-answer", "conversations": [{"from": "human", "value": "hi"}]})
     data = tmp_path / "with_bad_rows.json"
     data.write_text(json.dumps(rows))
-    argv = stage2_args(parts, tmp_path / "skip", stage1_dir / "projector.safetensors", "--on_bad_sample", "skip")
+    argv = stage2_args(
+        parts, tmp_path / "skip", stage1_dir / "projector.safetensors", "--on_bad_sample", "skip"
+    )
     argv[argv.index("--data_path") + 1] = str(data)
     argv[argv.index("--max_steps") + 1] = "9"  # one epoch of 32 rows / 4, and a bit
     with caplog.at_level("WARNING"):

@@ -7,7 +7,10 @@ at data time and the model only has to scatter features into those positions.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import io
+import json
+from collections.abc import Iterable, Sequence
+from pathlib import Path
 
 from transformers import PreTrainedTokenizerBase
 
@@ -39,3 +42,44 @@ def expand_image_tokens(input_ids: Sequence[int], image_token_id: int, tokens_pe
         else:
             expanded.append(token)
     return expanded
+
+
+def train_llama_tokenizer(
+    corpus: Iterable[str], folder: str | Path, *, vocab_size: int, legacy: bool = False
+) -> Path:
+    """Train a byte-fallback BPE SentencePiece model on ``corpus`` and save it as a Llama
+    tokenizer folder (``tokenizer.model`` + config) that ``AutoTokenizer`` loads.
+
+    For the demo and the tests, where no real tokenizer can be downloaded; the pieces and
+    special tokens (<unk> <s> </s> = 0 1 2) follow Llama's layout.
+    """
+    import sentencepiece as spm
+
+    buffer = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(corpus),
+        model_writer=buffer,
+        vocab_size=vocab_size,
+        model_type="bpe",
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        byte_fallback=True,
+        character_coverage=1.0,
+        minloglevel=2,
+    )
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "tokenizer.model").write_bytes(buffer.getvalue())
+    config = {
+        "tokenizer_class": "LlamaTokenizer",
+        "legacy": legacy,
+        "bos_token": "<s>",
+        "eos_token": "</s>",
+        "unk_token": "<unk>",
+        "add_bos_token": True,
+        "add_eos_token": False,
+    }
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    return folder

@@ -31,6 +31,18 @@ BadSamplePolicy = Literal["error", "skip"]
 BAD_SAMPLE_POLICIES = ("error", "skip")
 
 
+def apply_policy(policy: BadSamplePolicy, skipped: list[str], load, *args: Any) -> dict[str, Any] | None:
+    """``load(*args)``; on a bad row raise (``error``) or log it, note it in ``skipped``, return None."""
+    try:
+        return load(*args)
+    except BadSample as error:
+        if policy == "error":
+            raise
+        logger.warning("skipping bad sample: %s", error.describe())
+        skipped.append(error.describe())
+        return None
+
+
 class SampleBuilder:
     """Builds one training sample from a validated record."""
 
@@ -134,13 +146,8 @@ class LlavaDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         skipped: list[str] = []
         for attempt in range(self.max_consecutive_skips + 1):
-            try:
-                sample = self.load((index + attempt) % len(self))
-            except BadSample as error:
-                if self.on_bad_sample == "error":
-                    raise
-                logger.warning("skipping bad sample: %s", error.describe())
-                skipped.append(error.describe())
+            sample = apply_policy(self.on_bad_sample, skipped, self.load, (index + attempt) % len(self))
+            if sample is None:
                 continue
             if skipped:
                 sample["skipped"] = skipped
@@ -228,6 +235,9 @@ class StreamingLlavaDataset(torch.utils.data.IterableDataset):
     def set_epoch(self, epoch: int) -> None:
         self.stream.set_epoch(epoch)
 
+    def load(self, raw: Any, row: int) -> dict[str, Any]:
+        return self.builder.build(parse_record(raw, row=row, source="stream"), self.image_folder)
+
     def __iter__(self):
         from tokenpacker_llava.data.sources import raw_record
 
@@ -235,14 +245,8 @@ class StreamingLlavaDataset(torch.utils.data.IterableDataset):
         for position, raw_row in enumerate(self.stream):
             row, raw = raw_record(raw_row)
             row = position if row is None else row
-            try:
-                record = parse_record(raw, row=row, source="stream")
-                sample = self.builder.build(record, self.image_folder)
-            except BadSample as error:
-                if self.on_bad_sample == "error":
-                    raise
-                logger.warning("skipping bad sample: %s", error.describe())
-                skipped.append(error.describe())
+            sample = apply_policy(self.on_bad_sample, skipped, self.load, raw, row)
+            if sample is None:
                 continue
             if skipped:
                 sample["skipped"], skipped = skipped, []

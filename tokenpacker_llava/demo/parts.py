@@ -10,8 +10,6 @@
 
 from __future__ import annotations
 
-import io
-import json
 import logging
 import math
 import random
@@ -33,43 +31,14 @@ from transformers import (
 )
 
 from tokenpacker_llava.demo.synthetic import COLOURS, GRID, IMAGE_SIZE, SHAPES, random_scene, render
+from tokenpacker_llava.tokenization import train_llama_tokenizer
 
 logger = logging.getLogger(__name__)
 
 
 def train_tokenizer(corpus: list[str], folder: Path, vocab_size: int) -> Path:
-    import sentencepiece as spm
-
     extra = ["A chat between", "USER:", "ASSISTANT:", "Answer with one word."]
-    buffer = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(corpus + extra * 10),
-        model_writer=buffer,
-        vocab_size=vocab_size,
-        model_type="bpe",
-        unk_id=0,
-        bos_id=1,
-        eos_id=2,
-        pad_id=-1,
-        byte_fallback=True,
-        character_coverage=1.0,
-        minloglevel=2,
-    )
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "tokenizer.model").write_bytes(buffer.getvalue())
-    (folder / "tokenizer_config.json").write_text(
-        json.dumps(
-            {
-                "tokenizer_class": "LlamaTokenizer",
-                "legacy": False,
-                "bos_token": "<s>",
-                "eos_token": "</s>",
-                "unk_token": "<unk>",
-                "add_bos_token": True,
-            }
-        )
-    )
-    return folder
+    return train_llama_tokenizer(corpus + extra * 10, folder, vocab_size=vocab_size)
 
 
 def pretrain_llm(corpus: list[str], folder: Path, *, hidden: int, layers: int, steps: int, seed: int) -> Path:

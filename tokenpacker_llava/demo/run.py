@@ -42,7 +42,7 @@ class DemoSettings:
     patch_size: int = 8
     vision_steps: int = 300
     stage1_epochs: float = 1.0
-    stage2_epochs: float = 4.0
+    stage2_epochs: float = 6.0
     batch_size: int = 16
     max_steps: int = -1  # >0 caps each stage (the quick test)
 
@@ -203,7 +203,7 @@ def run_demo(output_dir: Path, settings: DemoSettings) -> dict:
         {
             **common,
             "DATA_PATH": str(data / "captions.json"),
-            "LR": "2e-3",
+            "LR": "5e-4",
             "EPOCHS": str(settings.stage1_epochs),
         },
         ["--seed", str(settings.seed)],

@@ -1,6 +1,6 @@
 """A seeded, procedurally generated dataset whose questions need fine detail.
 
-Each 64 x 64 image is a 4 x 4 grid of 16 px cells; 2-6 cells hold a small (10-13 px)
+Each 64 x 64 image is a 4 x 4 grid of 16 px cells; 1-5 cells hold a small (10-13 px)
 coloured shape. Stage 1 gets a caption listing every shape with its cell; stage 2 gets
 multi-turn questions: the colour of the one circle/square/triangle, the shape of the one
 red/green/... shape, whether a given coloured shape is present, and how many shapes of a
@@ -35,7 +35,7 @@ class Scene:
 
 def random_scene(rng: random.Random) -> Scene:
     positions = [(row, col) for row in range(1, GRID + 1) for col in range(1, GRID + 1)]
-    chosen = rng.sample(positions, rng.randint(2, 6))
+    chosen = rng.sample(positions, rng.randint(1, 5))
     return Scene({pos: (rng.choice(SHAPES), rng.choice(sorted(COLOURS))) for pos in sorted(chosen)})
 
 

@@ -1,0 +1,125 @@
+"""Projector forward+backward throughput: this TokenPacker vs a reference-style formulation.
+
+The reference code groups keys and values into regions with several permute/reshape copies
+and calls ``nn.MultiheadAttention`` (which also computes the attention weights it then
+throws away). Both formulations get the same weights and inputs; the table reports time per
+forward+backward, tokens/s, the speedup, and the largest output difference.
+
+    python benchmarks/projector.py              # CLIP-L/336 widths, H=4096, batch 4 (CPU fp32)
+    python benchmarks/projector.py --quick      # small widths, seconds (run by the tests)
+    python benchmarks/projector.py --device cuda --dtype bfloat16 --batch 32   # on a GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tokenpacker_llava.models.projectors import build_projector
+
+
+class ReferenceStyleTokenPacker(nn.Module):
+    """The reference repository's formulation, with the same parameter names."""
+
+    def __init__(self, dim: int, kv_dim: int, out_dim: int, grid: int, scale: int, heads: int = 8) -> None:
+        super().__init__()
+        self.grid, self.scale = grid, scale
+        self.q_proj_1 = nn.Linear(dim, dim, bias=False)
+        self.k_proj_1 = nn.Sequential(nn.Linear(kv_dim, dim), nn.GELU(), nn.Linear(dim, dim))
+        self.v_proj_1 = nn.Sequential(nn.Linear(kv_dim, dim), nn.GELU(), nn.Linear(dim, dim))
+        self.ln_q_1 = nn.LayerNorm(dim, eps=1e-6)
+        self.ln_k_1 = nn.LayerNorm(dim, eps=1e-6)
+        self.ln_v_1 = nn.LayerNorm(dim, eps=1e-6)
+        self.clip_attn = nn.MultiheadAttention(dim, heads)
+        self.mlp = nn.Sequential(nn.Linear(dim, out_dim), nn.GELU(), nn.Linear(out_dim, out_dim))
+
+    @staticmethod
+    def divide_feature(x: torch.Tensor, kernel: int, token_num: int, n: int, c: int) -> torch.Tensor:
+        # (L, N, C) -> (kernel*kernel, N * regions, C), through the reference's reshapes.
+        side = int(token_num**0.5)
+        regions = side // kernel
+        x = x.permute(1, 0, 2).reshape(n, side, side, c)
+        x = x.reshape(n, regions, kernel, regions, kernel, c).permute(0, 1, 3, 2, 4, 5)
+        x = x.reshape(n * regions * regions, kernel * kernel, c).permute(1, 0, 2)
+        return x.contiguous()
+
+    def forward(self, x: torch.Tensor, x_multi: torch.Tensor) -> torch.Tensor:
+        key = self.ln_k_1(self.k_proj_1(x_multi)).permute(1, 0, 2)
+        value = self.ln_v_1(self.v_proj_1(x_multi)).permute(1, 0, 2)
+        token_num, n, c = key.shape
+        g = self.grid // self.scale
+        q = F.interpolate(
+            x.reshape(n, self.grid, self.grid, -1).permute(0, 3, 1, 2).float(), size=(g, g), mode="bilinear"
+        ).to(x.dtype)
+        q = q.permute(0, 2, 3, 1).reshape(n, g * g, -1)
+        query = self.ln_q_1(self.q_proj_1(q)).permute(1, 0, 2)  # (g*g, N, C)
+        query = query.permute(1, 0, 2).reshape(1, n * g * g, c)
+        reshape_key = self.divide_feature(key, self.scale, token_num, n, c)
+        reshape_value = self.divide_feature(value, self.scale, token_num, n, c)
+        out = self.clip_attn(query, reshape_key, reshape_value)[0]  # weights computed and dropped
+        return self.mlp(out.reshape(n, g * g, c))
+
+
+def time_fwd_bwd(module: nn.Module, inputs: tuple[torch.Tensor, ...], repeats: int, device: str) -> list[float]:
+    times = []
+    for _ in range(repeats + 1):  # the first run warms up and is not counted
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        module(*inputs).float().square().mean().backward()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+        module.zero_grad(set_to_none=True)
+    return times[1:]
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--scale", type=int, default=2)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    args = parser.parse_args(argv)
+    dim, kv_dim, out_dim, grid = (1024, 4096, 4096, 24) if not args.quick else (128, 512, 256, 24)
+    batch = args.batch if not args.quick else 2
+    repeats = args.repeats if not args.quick else 2
+    dtype = getattr(torch, args.dtype)
+    torch.manual_seed(0)
+    ours = build_projector(
+        "tokenpacker", in_dim=dim, multi_level_dim=kv_dim, out_dim=out_dim, grid_size=grid, scale_factor=args.scale
+    )
+    reference = ReferenceStyleTokenPacker(dim, kv_dim, out_dim, grid, args.scale)
+    reference.load_state_dict(ours.state_dict(), strict=True)
+    ours.to(args.device, dtype)
+    reference.to(args.device, dtype)
+    x = torch.randn(batch, grid * grid, dim, device=args.device, dtype=dtype)
+    x_multi = torch.randn(batch, grid * grid, kv_dim, device=args.device, dtype=dtype)
+    with torch.no_grad():
+        difference = (ours(x, x_multi).float() - reference(x, x_multi).float()).abs().max().item()
+    rows = {}
+    for name, module in (("reference-style (MHA + reshapes)", reference), ("tokenpacker_llava (batched SDPA)", ours)):
+        times = time_fwd_bwd(module, (x, x_multi), repeats, args.device)
+        rows[name] = statistics.median(times)
+    base = rows["reference-style (MHA + reshapes)"]
+    print(
+        f"TokenPacker fwd+bwd, {args.device} {args.dtype}, batch {batch}, widths {dim}/{kv_dim}->{out_dim}, "
+        f"grid {grid}, scale {args.scale} ({(grid // args.scale) ** 2} tokens), median of {repeats}, "
+        f"torch threads {torch.get_num_threads()}"
+    )
+    print(f"{'formulation':<36} {'ms/iter':>10} {'images/s':>10} {'speedup':>8}")
+    for name, seconds in rows.items():
+        print(f"{name:<36} {1000 * seconds:>10.1f} {batch / seconds:>10.1f} {base / seconds:>7.2f}x")
+    print(f"max |output difference| {difference:.2e}")
+    return {"rows": rows, "difference": difference}
+
+
+if __name__ == "__main__":
+    main()

@@ -65,7 +65,9 @@ class ReferenceStyleTokenPacker(nn.Module):
         return self.mlp(out.reshape(n, g * g, c))
 
 
-def time_fwd_bwd(module: nn.Module, inputs: tuple[torch.Tensor, ...], repeats: int, device: str) -> list[float]:
+def time_fwd_bwd(
+    module: nn.Module, inputs: tuple[torch.Tensor, ...], repeats: int, device: str
+) -> list[float]:
     times = []
     for _ in range(repeats + 1):  # the first run warms up and is not counted
         if device == "cuda":
@@ -94,7 +96,12 @@ def main(argv: list[str] | None = None) -> dict:
     dtype = getattr(torch, args.dtype)
     torch.manual_seed(0)
     ours = build_projector(
-        "tokenpacker", in_dim=dim, multi_level_dim=kv_dim, out_dim=out_dim, grid_size=grid, scale_factor=args.scale
+        "tokenpacker",
+        in_dim=dim,
+        multi_level_dim=kv_dim,
+        out_dim=out_dim,
+        grid_size=grid,
+        scale_factor=args.scale,
     )
     reference = ReferenceStyleTokenPacker(dim, kv_dim, out_dim, grid, args.scale)
     reference.load_state_dict(ours.state_dict(), strict=True)
@@ -105,7 +112,10 @@ def main(argv: list[str] | None = None) -> dict:
     with torch.no_grad():
         difference = (ours(x, x_multi).float() - reference(x, x_multi).float()).abs().max().item()
     rows = {}
-    for name, module in (("reference-style (MHA + reshapes)", reference), ("tokenpacker_llava (batched SDPA)", ours)):
+    for name, module in (
+        ("reference-style (MHA + reshapes)", reference),
+        ("tokenpacker_llava (batched SDPA)", ours),
+    ):
         times = time_fwd_bwd(module, (x, x_multi), repeats, args.device)
         rows[name] = statistics.median(times)
     base = rows["reference-style (MHA + reshapes)"]

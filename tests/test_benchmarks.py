@@ -16,3 +16,12 @@ def test_projector_benchmark_quick(capsys) -> None:
     assert "reference-style" in out and "tokenpacker_llava" in out
     assert result["difference"] < 1e-5  # same weights, same inputs: the same function
     assert all(seconds > 0 for seconds in result["rows"].values())
+
+
+def test_packing_benchmark_quick(capsys) -> None:
+    import packing
+
+    result = packing.main(["--quick"])
+    out = capsys.readouterr().out
+    assert "padded + grouped (LLaVA)" in out and "packed (padding-free)" in out
+    assert result["loss_difference"] < 1e-4  # packing is a pure layout change: equal losses

@@ -8,7 +8,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from tokenpacker_llava.models.projectors import mlp, tokenpacker  # noqa: F401  (registers projectors)
+from tokenpacker_llava.models.projectors import (  # noqa: F401  (registers projectors)
+    avgpool,
+    c_abstractor,
+    ldpv2,
+    mlp,
+    pixel_shuffle,
+    resampler,
+    tokenpacker,
+)
 from tokenpacker_llava.models.projectors.base import PROJECTORS, Projector, TokenPreservingProjector
 from tokenpacker_llava.models.projectors.mlp import IdentityProjector, LinearProjector, MLP2xGELUProjector
 from tokenpacker_llava.models.projectors.tokenpacker import RegionAttention, TokenPacker

@@ -141,3 +141,18 @@ class TokenPacker(Projector):
         queries = self.ln_q_1(self.q_proj_1(self.point_queries(features)))
         packed = self.clip_attn(queries.reshape(-1, self.in_dim), keys, values)
         return self.mlp(packed.view(batch, -1, self.in_dim))
+
+
+@PROJECTORS.register("tokenpacker_single")
+class SingleLevelTokenPacker(TokenPacker):
+    """The paper's ablation: TokenPacker with keys and values from the query layer only.
+
+    No multi-level features are computed; the region attention reads the same features the
+    point queries come from.
+    """
+
+    uses_multi_level = False
+
+    def __init__(self, **kwargs) -> None:
+        kwargs["multi_level_dim"] = kwargs.get("in_dim")
+        super().__init__(**kwargs)

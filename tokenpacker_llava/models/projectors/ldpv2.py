@@ -1,0 +1,80 @@
+"""``ldpv2``: MobileVLM-v2's lightweight downsample projector (LDP-v2, arXiv 2402.03766).
+
+Mapping to the paper / reference ``LDPNetV2Projector``:
+
+* feature transformation: ``Linear(in, H) -> GELU -> Linear(H, H)`` on every patch token
+  (``mlp`` here; the reference's ``FeatureIRLayer``);
+* token reduction: average pooling of the ``G x G`` token map to ``G/s x G/s``. The reference
+  uses ``AdaptiveAvgPool2d((12, 12))``, which on its 24x24 grid is exactly a 2x2 average
+  pool; here ``avg_pool2d`` with kernel = stride = s makes the scale explicit and lets
+  s = 3, 4 give 64, 36 tokens (the reference's ``TokenDownLayer``);
+* positional information: a PEG (positional encoding generator, from CPVT), a depthwise
+  3x3 convolution with padding 1 whose output is added back as a residual
+  (``peg`` here; the reference's ``PosInjectLayer``).
+
+Module names differ from the reference's nesting (``mlp.mlp.0``, ``peg.peg.0``), so its
+checkpoints do not load strictly; the computation is the same.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tokenpacker_llava.models.projectors.base import PROJECTORS, Projector
+
+
+@PROJECTORS.register("ldpv2")
+class LDPv2Projector(Projector):
+    """MLP(in -> H -> H) per token -> avg_pool2d(s) on the map -> x + DWConv3x3(x).
+
+    Args:
+        in_dim: vision width C.
+        out_dim: LLM hidden size H (also the PEG's channel count).
+        grid_size: patches per side of the input map (24 for CLIP-L/336).
+        multi_level_dim: unused (single-level projector); accepted for a uniform interface.
+        scale_factor: s; 2/3/4 on a 24x24 grid give 144/64/36 tokens (2 is MobileVLM-v2's).
+    """
+
+    uses_multi_level = False
+    default_scale_factor = 2
+
+    def __init__(
+        self,
+        *,
+        in_dim: int,
+        out_dim: int,
+        grid_size: int,
+        multi_level_dim: int | None = None,
+        scale_factor: int | None = None,
+    ) -> None:
+        super().__init__(
+            in_dim=in_dim,
+            out_dim=out_dim,
+            grid_size=grid_size,
+            multi_level_dim=multi_level_dim,
+            scale_factor=scale_factor,
+        )
+        self.mlp = nn.Sequential(
+            nn.Linear(self.in_dim, self.out_dim), nn.GELU(), nn.Linear(self.out_dim, self.out_dim)
+        )
+        # Depthwise (groups = channels) so the PEG adds only 9*H + H parameters at any width.
+        self.peg = nn.Conv2d(self.out_dim, self.out_dim, kernel_size=3, padding=1, groups=self.out_dim)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # PyTorch's default Linear / Conv2d inits, as the MobileVLM-v2 reference.
+        for sub in self.modules():
+            if isinstance(sub, (nn.Linear, nn.Conv2d)):
+                sub.reset_parameters()
+
+    def forward(self, features: torch.Tensor, multi_level: torch.Tensor | None = None) -> torch.Tensor:
+        self.check_input(features, None)
+        batch = features.shape[0]
+        side, s = self.grid_size, self.scale_factor
+        tokens = self.mlp(features)  # (B, G*G, H)
+        grid = tokens.transpose(1, 2).reshape(batch, self.out_dim, side, side)
+        pooled = F.avg_pool2d(grid, kernel_size=s, stride=s)  # (B, H, g, g)
+        pooled = pooled + self.peg(pooled)  # PEG residual
+        return pooled.flatten(2).transpose(1, 2)

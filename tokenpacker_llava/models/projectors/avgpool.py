@@ -27,43 +27,18 @@ class AvgPoolMLPProjector(Projector):
         scale_factor: s; 2/3/4 on a 24x24 grid give 144/64/36 tokens.
     """
 
-    uses_multi_level = False
     default_scale_factor = 2
 
-    def __init__(
-        self,
-        *,
-        in_dim: int,
-        out_dim: int,
-        grid_size: int,
-        multi_level_dim: int | None = None,
-        scale_factor: int | None = None,
-    ) -> None:
-        super().__init__(
-            in_dim=in_dim,
-            out_dim=out_dim,
-            grid_size=grid_size,
-            multi_level_dim=multi_level_dim,
-            scale_factor=scale_factor,
-        )
+    def __init__(self, **geometry: int | None) -> None:
+        super().__init__(**geometry)
         self.mlp = nn.Sequential(
             nn.Linear(self.in_dim, self.out_dim), nn.GELU(), nn.Linear(self.out_dim, self.out_dim)
         )
-        self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        # PyTorch's own Linear init, as LLaVA-1.5 uses for its MLP projector.
-        for sub in self.modules():
-            if isinstance(sub, nn.Linear):
-                sub.reset_parameters()
 
     def pool(self, features: torch.Tensor) -> torch.Tensor:
         """(B, G*G, C) row-major tokens -> (B, g*g, C): the mean of each ``s x s`` region."""
-        batch, _, dim = features.shape
-        side, s = self.grid_size, self.scale_factor
-        grid = features.transpose(1, 2).reshape(batch, dim, side, side)
-        pooled = F.avg_pool2d(grid, kernel_size=s, stride=s)
-        return pooled.flatten(2).transpose(1, 2)
+        s = self.scale_factor
+        return self.from_map(F.avg_pool2d(self.to_map(features), kernel_size=s, stride=s))
 
     def forward(self, features: torch.Tensor, multi_level: torch.Tensor | None = None) -> torch.Tensor:
         self.check_input(features, None)

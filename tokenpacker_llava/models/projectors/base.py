@@ -93,8 +93,32 @@ class Projector(nn.Module):
             )
 
     def reset_parameters(self) -> None:
-        """Initialize all parameters; also called by the composed model for missing weights."""
-        raise NotImplementedError
+        """Initialize all parameters; also called by the composed model for missing weights.
+
+        The default is each submodule's own PyTorch init (LLaVA's and most baselines' choice).
+        """
+        for sub in self.modules():
+            if sub is not self and hasattr(sub, "reset_parameters"):
+                sub.reset_parameters()
+
+    def to_map(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, G*G, C) row-major tokens -> (B, C, G, G) feature map."""
+        batch, _, dim = tokens.shape
+        return tokens.transpose(1, 2).reshape(batch, dim, self.grid_size, self.grid_size)
+
+    @staticmethod
+    def from_map(grid: torch.Tensor) -> torch.Tensor:
+        """(B, C, h, w) feature map -> (B, h*w, C) row-major tokens."""
+        return grid.flatten(2).transpose(1, 2)
+
+    def regions(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, G*G, C) row-major tokens -> (B, g*g, s*s, C): each ``s x s`` region's tokens,
+        regions in row-major order and, within a region, tokens in row-major order."""
+        batch, _, dim = tokens.shape
+        s, g = self.scale_factor, self.grid_size // self.scale_factor
+        # (B, row-block, dy, col-block, dx, C) -> (B, row-block, col-block, dy, dx, C)
+        grouped = tokens.reshape(batch, g, s, g, s, dim).permute(0, 1, 3, 2, 4, 5)
+        return grouped.reshape(batch, g * g, s * s, dim)
 
     def forward(self, features: torch.Tensor, multi_level: torch.Tensor | None = None) -> torch.Tensor:
         raise NotImplementedError

@@ -45,15 +45,8 @@ class CAbstractor(Projector):
             nn.Linear(dim, self.out_dim), nn.SiLU(), nn.Linear(self.out_dim, self.out_dim)
         )
 
-    def reset_parameters(self) -> None:
-        for module in self.modules():
-            if isinstance(module, (nn.Conv2d, nn.Linear, nn.GroupNorm)):
-                module.reset_parameters()
-
     def forward(self, features: torch.Tensor, multi_level: torch.Tensor | None = None) -> torch.Tensor:
         self.check_input(features, None)
-        batch, _, dim = features.shape
-        side, out_side = self.grid_size, self.grid_size // self.scale_factor
-        x = features.transpose(1, 2).reshape(batch, dim, side, side)
-        x = self.after(F.adaptive_avg_pool2d(self.before(x), out_side))
-        return self.readout(x.flatten(2).transpose(1, 2))
+        out_side = self.grid_size // self.scale_factor
+        x = self.after(F.adaptive_avg_pool2d(self.before(self.to_map(features)), out_side))
+        return self.readout(self.from_map(x))

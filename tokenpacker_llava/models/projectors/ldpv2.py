@@ -37,44 +37,19 @@ class LDPv2Projector(Projector):
         scale_factor: s; 2/3/4 on a 24x24 grid give 144/64/36 tokens (2 is MobileVLM-v2's).
     """
 
-    uses_multi_level = False
     default_scale_factor = 2
 
-    def __init__(
-        self,
-        *,
-        in_dim: int,
-        out_dim: int,
-        grid_size: int,
-        multi_level_dim: int | None = None,
-        scale_factor: int | None = None,
-    ) -> None:
-        super().__init__(
-            in_dim=in_dim,
-            out_dim=out_dim,
-            grid_size=grid_size,
-            multi_level_dim=multi_level_dim,
-            scale_factor=scale_factor,
-        )
+    def __init__(self, **geometry: int | None) -> None:
+        super().__init__(**geometry)
         self.mlp = nn.Sequential(
             nn.Linear(self.in_dim, self.out_dim), nn.GELU(), nn.Linear(self.out_dim, self.out_dim)
         )
         # Depthwise (groups = channels) so the PEG adds only 9*H + H parameters at any width.
         self.peg = nn.Conv2d(self.out_dim, self.out_dim, kernel_size=3, padding=1, groups=self.out_dim)
-        self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        # PyTorch's default Linear / Conv2d inits, as the MobileVLM-v2 reference.
-        for sub in self.modules():
-            if isinstance(sub, (nn.Linear, nn.Conv2d)):
-                sub.reset_parameters()
+        # PyTorch's default Linear / Conv2d inits (Projector.reset_parameters), as MobileVLM-v2.
 
     def forward(self, features: torch.Tensor, multi_level: torch.Tensor | None = None) -> torch.Tensor:
         self.check_input(features, None)
-        batch = features.shape[0]
-        side, s = self.grid_size, self.scale_factor
-        tokens = self.mlp(features)  # (B, G*G, H)
-        grid = tokens.transpose(1, 2).reshape(batch, self.out_dim, side, side)
-        pooled = F.avg_pool2d(grid, kernel_size=s, stride=s)  # (B, H, g, g)
-        pooled = pooled + self.peg(pooled)  # PEG residual
-        return pooled.flatten(2).transpose(1, 2)
+        s = self.scale_factor
+        pooled = F.avg_pool2d(self.to_map(self.mlp(features)), kernel_size=s, stride=s)  # (B, H, g, g)
+        return self.from_map(pooled + self.peg(pooled))  # PEG residual

@@ -8,13 +8,6 @@ from torch import nn
 from tokenpacker_llava.models.projectors.base import PROJECTORS, TokenPreservingProjector
 
 
-def _reset_linears(module: nn.Module) -> None:
-    # PyTorch's own Linear init, as LLaVA-1.5 uses for its projector.
-    for sub in module.modules():
-        if isinstance(sub, nn.Linear):
-            sub.reset_parameters()
-
-
 @PROJECTORS.register("mlp2x_gelu")
 class MLP2xGELUProjector(TokenPreservingProjector):
     """Linear(in, H) -> GELU -> Linear(H, H), LLaVA-1.5's projector (576 tokens at 336 px)."""
@@ -26,9 +19,6 @@ class MLP2xGELUProjector(TokenPreservingProjector):
         self.layers = nn.Sequential(
             nn.Linear(self.in_dim, self.out_dim), nn.GELU(), nn.Linear(self.out_dim, self.out_dim)
         )
-
-    def reset_parameters(self) -> None:
-        _reset_linears(self)
 
     def forward(self, features: torch.Tensor, multi_level: torch.Tensor | None = None) -> torch.Tensor:
         self.check_input(features, None)
@@ -45,9 +35,6 @@ class LinearProjector(TokenPreservingProjector):
         super().__init__(**kwargs)
         self.proj = nn.Linear(self.in_dim, self.out_dim)
 
-    def reset_parameters(self) -> None:
-        _reset_linears(self)
-
     def forward(self, features: torch.Tensor, multi_level: torch.Tensor | None = None) -> torch.Tensor:
         self.check_input(features, None)
         return self.proj(features)
@@ -63,9 +50,6 @@ class IdentityProjector(TokenPreservingProjector):
             raise ValueError(
                 f"identity projector needs in_dim == out_dim, got {self.in_dim} and {self.out_dim}"
             )
-
-    def reset_parameters(self) -> None:
-        pass
 
     def forward(self, features: torch.Tensor, multi_level: torch.Tensor | None = None) -> torch.Tensor:
         self.check_input(features, None)

@@ -33,39 +33,16 @@ class PixelShuffleProjector(Projector):
         layer_norm_eps: nn.LayerNorm's default 1e-5, as InternVL's ``mlp1``.
     """
 
-    uses_multi_level = False
     default_scale_factor = 2
 
-    def __init__(
-        self,
-        *,
-        in_dim: int,
-        out_dim: int,
-        grid_size: int,
-        multi_level_dim: int | None = None,
-        scale_factor: int | None = None,
-        layer_norm_eps: float = 1e-5,
-    ) -> None:
-        super().__init__(
-            in_dim=in_dim,
-            out_dim=out_dim,
-            grid_size=grid_size,
-            multi_level_dim=multi_level_dim,
-            scale_factor=scale_factor,
-        )
+    def __init__(self, *, layer_norm_eps: float = 1e-5, **geometry: int | None) -> None:
+        super().__init__(**geometry)
         packed_dim = self.in_dim * self.scale_factor**2
         self.norm = nn.LayerNorm(packed_dim, eps=layer_norm_eps)
         self.mlp = nn.Sequential(
             nn.Linear(packed_dim, self.out_dim), nn.GELU(), nn.Linear(self.out_dim, self.out_dim)
         )
-        self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        # PyTorch's default inits (unit LayerNorm, Kaiming-uniform Linear), as InternVL's mlp1.
-        self.norm.reset_parameters()
-        for sub in self.mlp.modules():
-            if isinstance(sub, nn.Linear):
-                sub.reset_parameters()
+        # PyTorch's default inits (Projector.reset_parameters), as InternVL's mlp1.
 
     def space_to_depth(self, features: torch.Tensor) -> torch.Tensor:
         """(B, G*G, C) row-major tokens -> (B, g*g, s*s*C), regions in row-major order.
@@ -73,11 +50,7 @@ class PixelShuffleProjector(Projector):
         Within a packed token the region's patches come in row-major order (see the module
         docstring), each with its C channels contiguous.
         """
-        batch, _, dim = features.shape
-        s, g = self.scale_factor, self.grid_size // self.scale_factor
-        # (B, row-block, dy, col-block, dx, C) -> (B, row-block, col-block, dy, dx, C)
-        regions = features.reshape(batch, g, s, g, s, dim).permute(0, 1, 3, 2, 4, 5)
-        return regions.reshape(batch, g * g, s * s * dim)
+        return self.regions(features).flatten(2)
 
     def forward(self, features: torch.Tensor, multi_level: torch.Tensor | None = None) -> torch.Tensor:
         self.check_input(features, None)

@@ -113,18 +113,14 @@ class TokenPacker(Projector):
 
     def point_queries(self, features: torch.Tensor) -> torch.Tensor:
         """Bilinear downsample of the (B, G*G, C) map to (B, g*g, C), in fp32 as the reference."""
-        batch, _, dim = features.shape
-        side, out_side = self.grid_size, self.grid_size // self.scale_factor
-        grid = features.transpose(1, 2).reshape(batch, dim, side, side)
-        pooled = F.interpolate(grid.float(), size=(out_side, out_side), mode="bilinear", align_corners=False)
-        return pooled.to(features.dtype).flatten(2).transpose(1, 2)
+        out_side = self.grid_size // self.scale_factor
+        grid = self.to_map(features).float()
+        pooled = F.interpolate(grid, size=(out_side, out_side), mode="bilinear", align_corners=False)
+        return self.from_map(pooled.to(features.dtype))
 
     def group_regions(self, tokens: torch.Tensor) -> torch.Tensor:
         """(B, G*G, C) row-major tokens -> (B*g*g, s*s, C): the tokens of each query's region."""
-        batch, _, dim = tokens.shape
-        s, g = self.scale_factor, self.grid_size // self.scale_factor
-        regions = tokens.view(batch, g, s, g, s, dim).permute(0, 1, 3, 2, 4, 5)
-        return regions.reshape(batch * g * g, s * s, dim)
+        return self.regions(tokens).flatten(0, 1)
 
     def forward(self, features: torch.Tensor, multi_level: torch.Tensor | None = None) -> torch.Tensor:
         if multi_level is None:

@@ -115,6 +115,14 @@ def test_converted_reference_folder_gives_the_same_logits(
     assert AutoImageProcessor.from_pretrained(dst).crop_size == {"height": IMAGE_SIZE, "width": IMAGE_SIZE}
     assert list(dst.glob("*.safetensors")) and not list(dst.glob("*.bin"))
 
+    half = tmp_path / "converted_bf16"
+    assert main(["convert", "--src", str(src), "--dst", str(half), "--dtype", "bfloat16", "--no_verify"]) == 0
+    from safetensors.torch import load_file
+
+    weights = load_file(next(half.glob("*.safetensors")))
+    assert {t.dtype for t in weights.values() if t.is_floating_point()} == {torch.bfloat16}
+    assert any(k.startswith("vision_tower.") for k in weights) and any(k.startswith("projector.") for k in weights)
+
 
 def test_not_a_reference_folder(tmp_path) -> None:
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))

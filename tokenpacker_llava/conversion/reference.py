@@ -210,18 +210,20 @@ def convert_reference_checkpoint(
         text_type=text_model_type(reference, text_model_type_override),
         image_token_id=image_token_id,
     )
-    state_dict: dict[str, torch.Tensor] = {
-        f"vision_tower.model.{key}": tensor for key, tensor in vision.model.state_dict().items()
+
+    def cast(tensor: torch.Tensor) -> torch.Tensor:
+        # Cast as each shard is read, so only one copy of the weights is ever held.
+        return tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
+
+    state_dict = {
+        f"vision_tower.model.{key}": cast(tensor) for key, tensor in vision.model.state_dict().items()
     }
     for key, tensor in iter_tensors(weight_files(src)):
         new_key = rename_key(key, projector_cls.reference_key_prefix)
         if new_key is not None:
-            state_dict[new_key] = (
-                tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
-            )
+            state_dict[new_key] = cast(tensor)
     if dtype is not None:
         config.dtype = dtype
-        state_dict = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
 
     dst.mkdir(parents=True, exist_ok=True)
     config.architectures = [TokenPackerLlavaForConditionalGeneration.__name__]

@@ -72,10 +72,10 @@ class CheckReport:
             lines.append(f"length in {what}, with {tokens_per_image} visual tokens per image:")
             lines.append("  " + "  ".join(f"{name} {value:g}" for name, value in stats.items()))
             if max_length is not None and exact_lengths:
-                over = sum(length > max_length for length in self.lengths)
+                # Rows that cannot fit at all are invalid (too_long, listed above) and have no length here.
                 lines.append(
-                    f"  over model_max_length {max_length}: {over} rows "
-                    f"({self.shortened} shortened by dropping turns, the rest counted as too_long)"
+                    f"  over model_max_length {max_length}: {self.shortened} rows that training shortens "
+                    f"(trailing turns dropped or the last answer cut), {self.problems['too_long']} too long to fit"
                 )
         return "\n".join(lines)
 

@@ -33,3 +33,26 @@ def test_synthetic_data_is_deterministic(tmp_path) -> None:
     assert {q["type"] for q in questions} == set(synthetic.QUESTION_TYPES)
     baseline = synthetic.majority_baseline(questions)
     assert all(0 < value <= 1 for value in baseline.values())
+
+
+def test_described_scene_replaces_the_image_by_one_token_per_cell(tmp_path) -> None:
+    """The LLM's pretraining sees the stage-2 token layout with the 16 image placeholders
+    replaced by the scene's cell symbols, each one token."""
+    from transformers import AutoTokenizer
+
+    from tokenpacker_llava.demo import parts
+    from tokenpacker_llava.tokenization import ensure_image_token
+
+    conversations = synthetic.described_conversations(20, seed=1)
+    corpus = [text for c in conversations for _, text in c.turns]
+    folder = parts.train_tokenizer(corpus, tmp_path / "tok", vocab_size=400)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    image_token_id = ensure_image_token(tokenizer)
+    for conversation in conversations[:4]:  # plain captions and vicuna questions alternate
+        ids, labels = parts._described_sample(conversation, tokenizer, image_token_id)
+        symbols = tokenizer.convert_tokens_to_ids(conversation.scene.symbols())
+        assert tokenizer.unk_token_id not in symbols
+        start = ids.index(symbols[0])
+        assert ids[start : start + 16] == symbols and image_token_id not in ids
+        assert all(label == -100 for label in labels[start : start + 16])
+        assert any(label != -100 for label in labels[start + 16 :])

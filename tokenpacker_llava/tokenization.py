@@ -45,13 +45,20 @@ def expand_image_tokens(input_ids: Sequence[int], image_token_id: int, tokens_pe
 
 
 def train_llama_tokenizer(
-    corpus: Iterable[str], folder: str | Path, *, vocab_size: int, legacy: bool = False
+    corpus: Iterable[str],
+    folder: str | Path,
+    *,
+    vocab_size: int,
+    legacy: bool = False,
+    user_defined_symbols: Sequence[str] = (),
 ) -> Path:
     """Train a byte-fallback BPE SentencePiece model on ``corpus`` and save it as a Llama
     tokenizer folder (``tokenizer.model`` + config) that ``AutoTokenizer`` loads.
 
     For the demo and the tests, where no real tokenizer can be downloaded; the pieces and
     special tokens (<unk> <s> </s> = 0 1 2) follow Llama's layout.
+    ``user_defined_symbols`` are always single pieces (e.g. ``<red-circle>``); write them without a
+    leading space, since transformers matches them as added tokens in the raw text.
     """
     import sentencepiece as spm
 
@@ -68,6 +75,7 @@ def train_llama_tokenizer(
         byte_fallback=True,
         character_coverage=1.0,
         minloglevel=2,
+        user_defined_symbols=list(user_defined_symbols),
     )
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

@@ -1,8 +1,10 @@
 """The demo's "pretrained" parts, made locally because nothing can be downloaded.
 
 - a SentencePiece (Llama-style, byte fallback) tokenizer trained on the demo's text;
-- a tiny Llama pretrained as a plain language model on the same text, so that it knows
-  the words before it ever sees an image (the role Vicuna plays in the real recipe);
+- a tiny Llama pretrained on conversations about *described* scenes (each image replaced by
+  one symbol per grid cell, ``synthetic.described_conversations``): it learns the words, the
+  chat template and how to answer the questions from a description before it ever sees an
+  image, the role Vicuna plays in the real recipe;
 - a tiny CLIP-style ViT pretrained with a supervised objective: from its query-layer
   patch features, a linear probe must tell each grid cell's colour and shape. That is the
   role of CLIP's pretraining: features that already describe what is where.
@@ -30,21 +32,69 @@ from transformers import (
     LlamaForCausalLM,
 )
 
-from tokenpacker_llava.demo.synthetic import COLOURS, GRID, IMAGE_SIZE, SHAPES, random_scene, render
-from tokenpacker_llava.tokenization import train_llama_tokenizer
+from tokenpacker_llava.data.records import ROLES, Turn
+from tokenpacker_llava.data.templates import get_template
+from tokenpacker_llava.data.tokenize import tokenize_conversation
+from tokenpacker_llava.demo.synthetic import (
+    CELL_SYMBOLS,
+    COLOURS,
+    GRID,
+    IMAGE_SIZE,
+    SHAPES,
+    DescribedConversation,
+    random_scene,
+    render,
+)
+from tokenpacker_llava.tokenization import ensure_image_token, train_llama_tokenizer
 
 logger = logging.getLogger(__name__)
 
 
 def train_tokenizer(corpus: list[str], folder: Path, vocab_size: int) -> Path:
     extra = ["A chat between", "USER:", "ASSISTANT:", "Answer with one word."]
-    return train_llama_tokenizer(corpus + extra * 10, folder, vocab_size=vocab_size)
+    return train_llama_tokenizer(
+        corpus + extra * 10, folder, vocab_size=vocab_size, user_defined_symbols=CELL_SYMBOLS
+    )
 
 
-def pretrain_llm(corpus: list[str], folder: Path, *, hidden: int, layers: int, steps: int, seed: int) -> Path:
-    """A tiny Llama trained as a language model on ``corpus``; saved with the tokenizer."""
+def _described_sample(
+    conversation: DescribedConversation, tokenizer, image_token_id: int
+) -> tuple[list[int], list[int]]:
+    """Token ids and labels of ``conversation`` rendered by its template, with the 16 image
+    placeholders replaced by the ids of the scene's cell symbols."""
+    template = get_template(conversation.template, tokenizer)
+    turns = [Turn(ROLES[speaker], text) for speaker, text in conversation.turns]
+    sample = tokenize_conversation(
+        turns,
+        template,
+        tokenizer,
+        image_token_id=image_token_id,
+        tokens_per_image=GRID * GRID,
+        max_length=None,
+    )
+    cells = tokenizer.convert_tokens_to_ids(conversation.scene.symbols())
+    ids, position = list(sample.input_ids), 0
+    for index, token in enumerate(ids):
+        if token == image_token_id:
+            ids[index], position = cells[position], position + 1
+    return ids, sample.labels
+
+
+def pretrain_llm(
+    conversations: list[DescribedConversation],
+    folder: Path,
+    *,
+    hidden: int,
+    layers: int,
+    steps: int,
+    seed: int,
+    batch_size: int = 32,
+    lr: float = 2e-3,
+) -> Path:
+    """A tiny Llama trained on ``conversations`` (answers supervised); saved with the tokenizer."""
     torch.manual_seed(seed)
     tokenizer = AutoTokenizer.from_pretrained(folder)
+    image_token_id = ensure_image_token(tokenizer)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=hidden,
@@ -58,21 +108,27 @@ def pretrain_llm(corpus: list[str], folder: Path, *, hidden: int, layers: int, s
         tie_word_embeddings=False,
     )
     model = LlamaForCausalLM(config)
-    texts = [tokenizer(line).input_ids + [tokenizer.eos_token_id] for line in corpus]
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    samples = [_described_sample(c, tokenizer, image_token_id) for c in conversations]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     rng = random.Random(seed)
-    for step in tqdm(range(steps), desc="pretraining the tiny LLM", unit="step"):
-        batch = rng.sample(texts, 32)
-        width = max(map(len, batch))
-        ids = torch.tensor([ids + [0] * (width - len(ids)) for ids in batch])
-        labels = torch.tensor([ids + [-100] * (width - len(ids)) for ids in batch])
+    warmup = max(1, steps // 20)
+    progress = tqdm(range(steps), desc="pretraining the tiny LLM on described scenes", unit="step")
+    for step in progress:
+        batch = rng.sample(samples, batch_size)
+        width = max(len(ids) for ids, _ in batch)
+        ids = torch.tensor([ids + [0] * (width - len(ids)) for ids, _ in batch])
+        labels = torch.tensor([labels + [-100] * (width - len(labels)) for _, labels in batch])
+        scale = min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / steps))
         for group in optimizer.param_groups:
-            group["lr"] = 3e-3 * 0.5 * (1 + math.cos(math.pi * step / steps))
+            group["lr"] = lr * scale
         loss = model(input_ids=ids, labels=labels).loss
         loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad()
-    logger.info("tiny LLM language-model loss after pretraining: %.3f", loss.item())
+        if step % 20 == 0:
+            progress.set_postfix(loss=f"{loss.item():.3f}")
+    logger.info("tiny LLM loss on described scenes after pretraining: %.3f", loss.item())
     model.save_pretrained(folder)
     return folder
 

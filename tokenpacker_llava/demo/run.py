@@ -1,7 +1,8 @@
 """``python -m tokenpacker_llava.demo``: the whole pipeline on CPU in a few minutes.
 
 1. generate the synthetic dataset (captions, instructions, held-out questions);
-2. make the "pretrained" parts: tokenizer, tiny Llama, tiny CLIP-style tower (demo.parts);
+2. make the "pretrained" parts: tokenizer, tiny Llama (pretrained on conversations about
+   described scenes), tiny CLIP-style tower (pretrained with a per-cell probe); see demo.parts;
 3. stage 1 then stage 2 through ``scripts/pretrain.sh`` / ``scripts/finetune.sh`` and the
    real training entry point (torchrun, one CPU process);
 4. answer the held-out questions with batched greedy decoding, print accuracy per question
@@ -14,6 +15,7 @@ import argparse
 import json
 import logging
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -35,20 +37,26 @@ class DemoSettings:
     eval_questions: int = 400
     vocab_size: int = 512
     llm_hidden: int = 128
-    llm_layers: int = 4
-    llm_steps: int = 300
+    llm_layers: int = 2
+    llm_steps: int = 600
     vision_hidden: int = 64
     vision_layers: int = 4
     patch_size: int = 8
     vision_steps: int = 300
     stage1_epochs: float = 1.0
-    stage2_epochs: float = 6.0
+    stage2_epochs: float = 3.0
     batch_size: int = 16
     max_steps: int = -1  # >0 caps each stage (the quick test)
 
     @classmethod
     def quick(cls) -> DemoSettings:
         return cls(train_images=48, eval_questions=16, llm_steps=5, vision_steps=5, llm_layers=1, max_steps=2)
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def run_stage(
@@ -71,6 +79,8 @@ def run_stage(
         "PROJECTOR_TYPE": "tokenpacker",
         "SCALE_FACTOR": "2",
         "OMP_NUM_THREADS": str(os.cpu_count() or 1),
+        # A free port, so a demo (or its test) can run next to another torchrun job.
+        "MASTER_PORT": os.environ.get("MASTER_PORT") or str(_free_port()),
         **env_vars,
     }
     # The cluster recipe's GPU settings, switched off for a CPU run.
@@ -175,10 +185,11 @@ def run_demo(output_dir: Path, settings: DemoSettings) -> dict:
     eval_path = synthetic.write_split(data, "eval", settings.eval_questions, settings.seed)
 
     logger.info("2/4 making the tokenizer, the tiny LLM and the tiny vision tower")
-    corpus = synthetic.text_corpus(data)
-    llm = parts.train_tokenizer(corpus, output_dir / "parts" / "llm", settings.vocab_size)
+    llm = parts.train_tokenizer(
+        synthetic.text_corpus(data), output_dir / "parts" / "llm", settings.vocab_size
+    )
     parts.pretrain_llm(
-        corpus,
+        synthetic.described_conversations(settings.train_images, settings.seed),
         llm,
         hidden=settings.llm_hidden,
         layers=settings.llm_layers,
@@ -203,7 +214,7 @@ def run_demo(output_dir: Path, settings: DemoSettings) -> dict:
         {
             **common,
             "DATA_PATH": str(data / "captions.json"),
-            "LR": "5e-4",
+            "LR": "1e-3",
             "EPOCHS": str(settings.stage1_epochs),
         },
         ["--seed", str(settings.seed)],

@@ -6,6 +6,12 @@ multi-turn questions: the colour of the one circle/square/triangle, the shape of
 red/green/... shape, whether a given coloured shape is present, and how many shapes of a
 kind there are. The held-out split keeps one question per row with its exact-match answer and
 question type, so accuracy can be reported per type against the majority-answer baseline.
+
+``described_conversations`` writes the same conversations about fresh scenes with the image
+replaced by a text description of its 16 cells (one symbol per cell, e.g. ``<red-circle>``):
+the demo's tiny LLM is pretrained on them, the role Vicuna's text abilities play in the real
+recipe (it can already answer questions about a described scene; the projector has to learn to
+describe the image to it).
 """
 
 from __future__ import annotations
@@ -28,9 +34,27 @@ QUESTION_TYPES = ("colour", "shape", "exists", "count")
 SYSTEM = "Answer with one word."
 
 
+EMPTY_CELL = "<empty>"
+
+
+def cell_symbol(shape: str, colour: str) -> str:
+    return f"<{colour}-{shape}>"
+
+
+CELL_SYMBOLS = (EMPTY_CELL, *(cell_symbol(shape, colour) for colour in sorted(COLOURS) for shape in SHAPES))
+
+
 @dataclass(frozen=True)
 class Scene:
     cells: dict[tuple[int, int], tuple[str, str]]  # (row, column), 1-based -> (shape, colour)
+
+    def symbols(self) -> list[str]:
+        """The 16 cells in reading order, one symbol (one token) each: the scene's description."""
+        return [
+            cell_symbol(*self.cells[row, col]) if (row, col) in self.cells else EMPTY_CELL
+            for row in range(1, GRID + 1)
+            for col in range(1, GRID + 1)
+        ]
 
 
 def random_scene(rng: random.Random) -> Scene:
@@ -104,15 +128,9 @@ def write_split(folder: Path, split: str, count: int, seed: int) -> Path:
         name = f"{split}_{index:05d}.png"
         render(scene, rng).save(images / name)
         if split == "captions":
-            turns = [("human", "<image>\nDescribe the image."), ("gpt", caption(scene))]
-            records.append(_record(f"{split}-{index}", name, turns))
+            records.append(_record(f"{split}-{index}", name, caption_turns(scene)))
         elif split == "instructions":
-            kinds = rng.sample(QUESTION_TYPES, 3)
-            turns = [("system", SYSTEM)]
-            for position, kind in enumerate(kinds):
-                text, answer = question(scene, kind, rng)
-                turns += [("human", ("<image>\n" if position == 0 else "") + text), ("gpt", answer)]
-            records.append(_record(f"{split}-{index}", name, turns))
+            records.append(_record(f"{split}-{index}", name, instruction_turns(scene, rng)))
         else:
             kind = QUESTION_TYPES[index % len(QUESTION_TYPES)]
             text, answer = question(scene, kind, rng)
@@ -130,12 +148,45 @@ def write_split(folder: Path, split: str, count: int, seed: int) -> Path:
     return path
 
 
+def caption_turns(scene: Scene) -> list[tuple[str, str]]:
+    return [("human", "<image>\nDescribe the image."), ("gpt", caption(scene))]
+
+
+def instruction_turns(scene: Scene, rng: random.Random) -> list[tuple[str, str]]:
+    """Three questions of different types, the image in the first one."""
+    turns = [("system", SYSTEM)]
+    for position, kind in enumerate(rng.sample(QUESTION_TYPES, 3)):
+        text, answer = question(scene, kind, rng)
+        turns += [("human", ("<image>\n" if position == 0 else "") + text), ("gpt", answer)]
+    return turns
+
+
+@dataclass(frozen=True)
+class DescribedConversation:
+    """A conversation whose ``<image>`` stands for ``scene.symbols()`` instead of pixels."""
+
+    template: str  # "plain" (stage-1 captions) or "vicuna_v1" (stage-2 questions)
+    turns: list[tuple[str, str]]
+    scene: Scene
+
+
+def described_conversations(count: int, seed: int) -> list[DescribedConversation]:
+    """Caption and question conversations about ``count`` fresh scenes (the LLM's pretraining)."""
+    rng = random.Random(f"{seed}-described")
+    conversations = []
+    for _ in range(count):
+        scene = random_scene(rng)
+        conversations.append(DescribedConversation("plain", caption_turns(scene), scene))
+        conversations.append(DescribedConversation("vicuna_v1", instruction_turns(scene, rng), scene))
+    return conversations
+
+
 def _record(record_id: str, image: str, turns: list[tuple[str, str]]) -> dict:
     return {"id": record_id, "image": image, "conversations": [{"from": s, "value": v} for s, v in turns]}
 
 
 def text_corpus(folder: Path) -> list[str]:
-    """Every caption, question and answer text (for the tokenizer and the LLM's pretraining)."""
+    """Every caption, question and answer text (the tokenizer's training text)."""
     lines = []
     for split in ("captions", "instructions"):
         for record in json.loads((folder / f"{split}.json").read_text()):

@@ -6,6 +6,7 @@
 # to `python -m tokenpacker_llava.train` and win over the recipe. See docs/cluster.md.
 #   MODEL_SIZE=13b scripts/finetune.sh
 #   PRETRAINED_PROJECTOR=/ckpt/stage1/projector.safetensors scripts/finetune.sh
+#   IMAGE_ASPECT_RATIO=slice PATCH_NUM=9 scripts/finetune.sh  # TokenPacker-HD (both stages alike)
 set -euo pipefail
 # shellcheck source=scripts/launch.sh
 source "$(dirname "${BASH_SOURCE[0]}")/launch.sh"
@@ -23,7 +24,7 @@ SAVE_STEPS=${SAVE_STEPS:-1000}
 tp_training_defaults
 
 tp_log "stage 2: fine-tune projector + LLM"
-tp_show MODEL_SIZE LLM VISION_TOWER PROJECTOR_TYPE SCALE_FACTOR PRETRAINED_PROJECTOR DATA_PATH \
+tp_show MODEL_SIZE LLM VISION_TOWER PROJECTOR_TYPE SCALE_FACTOR IMAGE_ASPECT_RATIO PATCH_NUM PRETRAINED_PROJECTOR DATA_PATH \
     IMAGE_FOLDER OUTPUT_DIR RUN_NAME DEEPSPEED_CONFIG GLOBAL_BATCH PER_DEVICE_BATCH GRAD_ACCUM LR \
     EPOCHS MAX_LENGTH NUM_WORKERS REPORT_TO SAVE_STEPS SAVE_TOTAL_LIMIT RESUME
 

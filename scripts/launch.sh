@@ -221,9 +221,19 @@ tp_model_defaults() {
     else
         SCALE_FACTOR=${SCALE_FACTOR:-}
     fi
+    # Images: pad (LLaVA-1.5) or slice (TokenPacker-HD: up to PATCH_NUM = 9, 16 or 25 tiles plus a
+    # global view; a 3 x 3 image takes 1450 tokens at 144 per view, so raise MAX_LENGTH for 16/25).
+    IMAGE_ASPECT_RATIO=${IMAGE_ASPECT_RATIO:-pad}
+    local hd=""
+    if [[ $IMAGE_ASPECT_RATIO == slice ]]; then
+        PATCH_NUM=${PATCH_NUM:-9}
+        hd=-hd$PATCH_NUM
+    else
+        PATCH_NUM=${PATCH_NUM:-}
+    fi
     DATA_ROOT=${DATA_ROOT:-./playground/data}
-    # Name shared by the stages' output folders: tokenpacker-7b-s2, mlp2x_gelu-13b, ...
-    TP_TAG=$PROJECTOR_TYPE-$MODEL_SIZE${SCALE_FACTOR:+-s$SCALE_FACTOR}
+    # Name shared by the stages' output folders: tokenpacker-7b-s2, mlp2x_gelu-13b, tokenpacker-7b-s2-hd9 ...
+    TP_TAG=$PROJECTOR_TYPE-$MODEL_SIZE${SCALE_FACTOR:+-s$SCALE_FACTOR}$hd
 }
 
 # Training settings shared by both stages (the stage script sets its own values first).
@@ -261,7 +271,8 @@ tp_common_args() {
         --mm_vision_select_feature patch
         --data_path "${data_paths[@]}"
         --image_folder "$IMAGE_FOLDER"
-        --image_aspect_ratio pad
+        --image_aspect_ratio "$IMAGE_ASPECT_RATIO"
+        ${PATCH_NUM:+--patch_num "$PATCH_NUM"}
         --lazy_preprocess True
         --bf16 True
         --tf32 True

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -25,3 +26,17 @@ def test_packing_benchmark_quick(capsys) -> None:
     out = capsys.readouterr().out
     assert "padded + grouped (LLaVA)" in out and "packed (padding-free)" in out
     assert result["loss_difference"] < 1e-4  # packing is a pure layout change: equal losses
+
+
+def test_projector_shootout_quick(tmp_path, capsys) -> None:
+    import projectors
+
+    assert projectors.main(["--quick", "--output_dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "Projector shoot-out" in out and "mlp2x_gelu" in out and "tokenpacker" in out
+    report = json.loads((tmp_path / "results.json").read_text())
+    tokens = {(run["projector"], run["scale"]): run["tokens"] for run in report["runs"]}
+    assert tokens == {("mlp2x_gelu", 1): 64, ("tokenpacker", 2): 16}
+    assert all(run["projector_params"] > 0 and 0 <= run["accuracy"]["all"] <= 1 for run in report["runs"])
+    png = tmp_path / "accuracy_vs_tokens.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

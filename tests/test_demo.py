@@ -22,6 +22,15 @@ def test_quick_demo_runs_end_to_end(tmp_path, capsys) -> None:
     assert (tmp_path / "stage1" / "projector.safetensors").is_file()
 
 
+def test_quick_demo_in_slice_mode(tmp_path, capsys) -> None:
+    """TokenPacker-HD mode through the same path: a 64 px image is one tile plus a newline."""
+    assert main(["--quick", "--output_dir", str(tmp_path), "--image_aspect_ratio", "slice"]) == 0
+    assert "accuracy on held-out questions" in capsys.readouterr().out
+    model = TokenPackerLlavaForConditionalGeneration.from_pretrained(tmp_path / "stage2")
+    assert model.config.image_aspect_ratio == "slice" and model.config.patch_num == 9
+    assert len(model.config.slice_separator_ids) == 2
+
+
 def test_synthetic_data_is_deterministic(tmp_path) -> None:
     first = synthetic.write_split(tmp_path / "a", "eval", 20, seed=3).read_text()
     second = synthetic.write_split(tmp_path / "b", "eval", 20, seed=3).read_text()

@@ -253,6 +253,22 @@ def test_13b_picks_vicuna_13b_and_stage2_finds_stage1(run) -> None:
     )
 
 
+def test_slice_mode_passes_through_and_names_the_runs(run) -> None:
+    arguments = pytest.importorskip("tokenpacker_llava.training.arguments")
+    env = {"IMAGE_ASPECT_RATIO": "slice"}
+    pretrain = train_args(run("pretrain", env).cmd)
+    assert option(pretrain, "--image_aspect_ratio") == "slice" and option(pretrain, "--patch_num") == "9"
+    assert option(pretrain, "--output_dir") == "./checkpoints/tokenpacker-7b-s2-hd9-pretrain"
+    finetune = train_args(run("finetune", {**env, "PATCH_NUM": "16"}).cmd)
+    assert option(finetune, "--patch_num") == "16"
+    assert option(finetune, "--pretrain_mm_mlp_adapter") == (
+        "./checkpoints/tokenpacker-7b-s2-hd16-pretrain/projector.safetensors"
+    )
+    namespace = arguments.build_parser().parse_args(finetune)
+    assert namespace.image_aspect_ratio == "slice" and namespace.patch_num == 16
+    assert "--patch_num" not in train_args(run("finetune").cmd)  # pad mode: unchanged recipe
+
+
 def test_unknown_model_size_fails(run) -> None:
     result = run("pretrain", {"MODEL_SIZE": "70b"}, check=False)
     assert result.rc != 0 and "MODEL_SIZE='70b'" in result.stderr

@@ -108,11 +108,12 @@ def stage1_args(parts: dict[str, Path], output_dir: Path, *extra: str) -> list[s
     ]  # fmt: skip
 
 
-def stage2_args(parts: dict[str, Path], output_dir: Path, projector: Path, *extra: str) -> list[str]:
+def stage2_args(parts: dict[str, Path], output_dir: Path, projector: Path | None, *extra: str) -> list[str]:
+    """Stage-2 options; ``projector=None`` starts from a fresh projector instead of stage 1's."""
     return [
         *_common_args(parts, output_dir),
         "--version", "v1",
-        "--pretrain_mm_mlp_adapter", str(projector),
+        *(("--pretrain_mm_mlp_adapter", str(projector)) if projector is not None else ()),
         "--data_path", str(parts["instructions"]),
         "--learning_rate", "2e-4",
         "--model_max_length", "160",

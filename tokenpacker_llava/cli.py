@@ -38,6 +38,13 @@ def _add_convert(subparsers: argparse._SubParsersAction) -> None:
         "--trust_remote_code", action="store_true", help="allow code from the checkpoint repos"
     )
     parser.add_argument("--no_verify", action="store_true", help="skip loading the result back")
+    parser.add_argument(
+        "--patch_num",
+        type=int,
+        choices=(9, 16, 25),
+        help="slice-mode (HD) checkpoints: the tile budget, if the config lacks or misstates it (default: "
+        "the config's, else 9)",
+    )
     parser.set_defaults(func=_run_convert)
 
 
@@ -55,6 +62,7 @@ def _run_convert(args: argparse.Namespace) -> int:
         max_shard_size=args.max_shard_size,
         trust_remote_code=args.trust_remote_code,
         verify=not args.no_verify,
+        patch_num=args.patch_num,
     )
     print(f"converted {args.src} -> {dst}")
     return 0

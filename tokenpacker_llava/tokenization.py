@@ -2,7 +2,9 @@
 
 ``<image>`` is one special token in the text; before the forward pass it is expanded to as
 many copies as the projector emits tokens for that image, so the placeholder count is known
-at data time and the model only has to scatter features into those positions.
+at data time and the model only has to scatter features into those positions. In slice mode
+(TokenPacker-HD) the expansion also holds the ``,`` and newline tokens that separate the tiles
+(``data.slicing.slice_layout``); ``slice_separator_ids`` finds them in a tokenizer.
 """
 
 from __future__ import annotations
@@ -42,6 +44,84 @@ def expand_image_tokens(input_ids: Sequence[int], image_token_id: int, tokens_pe
         else:
             expanded.append(token)
     return expanded
+
+
+def expand_images(
+    input_ids: Sequence[int], image_token_id: int, expansions: Sequence[Sequence[int]]
+) -> list[int]:
+    """Replace the k-th ``image_token_id`` by ``expansions[k]``; one expansion per placeholder."""
+    count = sum(1 for token in input_ids if token == image_token_id)
+    if count != len(expansions):
+        raise ValueError(f"{count} image placeholder(s) but {len(expansions)} image expansion(s)")
+    expanded: list[int] = []
+    images = iter(expansions)
+    for token in input_ids:
+        if token == image_token_id:
+            expanded.extend(next(images))
+        else:
+            expanded.append(token)
+    return expanded
+
+
+SLICE_SEPARATORS = (",", "\n")  # between the tiles of a row; after each row and the global view
+
+
+def _byte_level_piece(text: str) -> str | None:
+    """GPT-2 byte-level BPE's piece for a one-byte ``text`` (``Ċ`` for a newline, ``,`` for a comma)."""
+    data = text.encode("utf-8")
+    if len(data) != 1:
+        return None
+    byte = data[0]
+    # Printable ASCII maps to itself; bytes 0-32 map to U+0100 + byte (the first unprintable bytes).
+    if 33 <= byte <= 126:
+        return text
+    return chr(256 + byte) if byte <= 32 else None
+
+
+def single_token_id(tokenizer: PreTrainedTokenizerBase, text: str) -> int | None:
+    """The id of one vocabulary token that decodes to exactly ``text``, or None.
+
+    Tried in order: the piece ``text`` itself, its byte-level BPE piece (``Ċ`` for a newline), its
+    SentencePiece byte-fallback piece (``<0x0A>``: a Llama tokenizer has no newline piece), and
+    finally ``text`` tokenized on its own if that gives a single token.
+    """
+    pieces = [text, _byte_level_piece(text)]
+    data = text.encode("utf-8")
+    if len(data) == 1:
+        pieces.append(f"<0x{data[0]:02X}>")
+    for piece in pieces:
+        if piece is None:
+            continue
+        token_id = tokenizer.convert_tokens_to_ids(piece)
+        if (
+            isinstance(token_id, int)
+            and token_id != tokenizer.unk_token_id
+            and tokenizer.decode([token_id]) == text
+        ):
+            return token_id
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    if len(ids) == 1 and ids[0] != tokenizer.unk_token_id and tokenizer.decode(ids) == text:
+        return ids[0]
+    return None
+
+
+def slice_separator_ids(tokenizer: PreTrainedTokenizerBase) -> tuple[int, int]:
+    """(the ``,`` token id, the newline token id) that slice mode puts between tiles and rows.
+
+    Each must be a real token decoding to exactly that character (the reference looked the newline
+    up as a vocabulary piece, which Llama tokenizers lack, and silently used ``<unk>``).
+    """
+    ids = []
+    for text in SLICE_SEPARATORS:
+        token_id = single_token_id(tokenizer, text)
+        if token_id is None:
+            raise ValueError(
+                f"the tokenizer ({type(tokenizer).__name__}, {getattr(tokenizer, 'name_or_path', '')!r}) has no "
+                f"single token decoding to {text!r} (tried the piece, its byte-level and byte-fallback "
+                "pieces); slice mode (--image_aspect_ratio slice) needs one to separate image tiles"
+            )
+        ids.append(token_id)
+    return ids[0], ids[1]
 
 
 def train_llama_tokenizer(

@@ -30,6 +30,7 @@ from tokenpacker_llava.training.arguments import (
 from tokenpacker_llava.training.builder import (
     apply_lora,
     build_model,
+    configure_image_mode,
     load_image_processor,
     load_tokenizer,
 )
@@ -76,6 +77,7 @@ def run(
     tokenizer, image_token_id = load_tokenizer(model_args, training_args)
     template = get_template(model_args.template, tokenizer)
     model = build_model(model_args, data_args, training_args, image_token_id)
+    configure_image_mode(model.config, data_args, tokenizer)
     if model_args.pretrain_mm_mlp_adapter:
         load_projector(model, model_args.pretrain_mm_mlp_adapter)
 
@@ -104,7 +106,18 @@ def run(
         max_length=training_args.model_max_length,
         image_processor=load_image_processor(model_args),
         image_aspect_ratio=data_args.image_aspect_ratio,
+        patch_num=base.config.patch_num,
+        separator_ids=base.config.slice_separator_ids,
     )
+    if builder.max_tokens_per_image >= training_args.model_max_length:
+        logger.warning(
+            "an image can take up to %d tokens (%s, patch_num %d) but --model_max_length is %d: samples with "
+            "the largest grids will be too long",
+            builder.max_tokens_per_image,
+            data_args.image_aspect_ratio,
+            data_args.patch_num,
+            training_args.model_max_length,
+        )
     sources = parse_data_path(data_args.data_path, data_args.image_folder)
     if data_args.streaming:
         dataset = StreamingLlavaDataset(

@@ -8,6 +8,12 @@ safetensors shards, tokenizer with ``<image>`` added, and the image processor.
 
 Weights are read as safetensors or, for ``*.bin``, with ``torch.load(weights_only=True)``
 (no arbitrary unpickling), and written shard by shard without instantiating the model.
+
+TokenPacker-HD checkpoints (``image_aspect_ratio: "slice"``) keep slice mode, with ``patch_num``
+(the reference's default 9 when the config lacks it) and the separator ids the reference
+effectively used: it looked ``,`` and ``\n`` up with ``convert_tokens_to_ids``, which for a
+Llama tokenizer gives the ``,`` piece and, having no ``\n`` piece, the ``<unk>`` id. The released
+HD models were trained with ``<unk>`` after every tile row, so the converted config says so.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ from huggingface_hub import save_torch_state_dict
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer, GenerationConfig
 
-from tokenpacker_llava.models.configuration import TokenPackerLlavaConfig
+from tokenpacker_llava.models.configuration import SLICE_PATCH_NUMS, TokenPackerLlavaConfig
 from tokenpacker_llava.models.modeling import TokenPackerLlavaForConditionalGeneration
 from tokenpacker_llava.models.projectors import PROJECTORS
 from tokenpacker_llava.models.vision import VisionEncoder
@@ -85,8 +91,55 @@ def text_model_type(reference: dict[str, Any], override: str | None) -> str:
     )
 
 
+def reference_separator_ids(tokenizer: Any) -> list[int]:
+    """The (``,``, newline) ids the reference's slice mode used: ``convert_tokens_to_ids`` of the raw
+    characters, which gives the unk id where the vocabulary has no such piece."""
+    ids = []
+    for text in (",", "\n"):
+        token_id = tokenizer.convert_tokens_to_ids(text)
+        if token_id is None or token_id == tokenizer.unk_token_id:
+            token_id = tokenizer.unk_token_id
+            if token_id is None:
+                raise ConversionError(
+                    f"the tokenizer has neither a {text!r} piece nor an unk token: cannot reproduce the "
+                    "reference's slice-mode separators"
+                )
+            logger.warning(
+                "slice mode: the tokenizer has no %r piece, so the reference used the unk id %d there; the "
+                "converted config keeps it, as the checkpoint was trained with it",
+                text,
+                token_id,
+            )
+        ids.append(int(token_id))
+    logger.info("slice mode separator ids (',', newline): %s, as the reference looked them up", ids)
+    return ids
+
+
+def reference_patch_num(reference: dict[str, Any], override: int | None) -> int:
+    """``patch_num`` of a slice-mode checkpoint: the override, the config's, or the reference's default 9."""
+    value = override if override is not None else reference.get("patch_num")
+    if value is None:
+        logger.warning(
+            "the reference config has no patch_num; using the reference's default 9 (pass --patch_num)"
+        )
+        value = 9
+    try:
+        patch_num = int(value)  # the reference reads it with getattr(config, "patch_num", "9")
+    except (TypeError, ValueError):
+        raise ConversionError(f"patch_num={value!r} is not an integer") from None
+    if patch_num not in SLICE_PATCH_NUMS:
+        raise ConversionError(f"patch_num={patch_num} is not one of {SLICE_PATCH_NUMS}")
+    return patch_num
+
+
 def build_config(
-    reference: dict[str, Any], vision: VisionEncoder, *, text_type: str, image_token_id: int | None
+    reference: dict[str, Any],
+    vision: VisionEncoder,
+    *,
+    text_type: str,
+    image_token_id: int | None,
+    tokenizer: Any = None,
+    patch_num: int | None = None,
 ) -> TokenPackerLlavaConfig:
     select_feature = reference.get("mm_vision_select_feature", "patch")
     if select_feature != "patch":
@@ -110,6 +163,13 @@ def build_config(
     image_aspect_ratio = reference.get("image_aspect_ratio", "pad")
     if image_aspect_ratio not in ("pad", "resize", "slice"):
         raise ConversionError(f"image_aspect_ratio={image_aspect_ratio!r} is not supported")
+    slicing: dict[str, Any] = {}
+    if image_aspect_ratio == "slice":
+        slicing["patch_num"] = reference_patch_num(reference, patch_num)
+        if tokenizer is not None:
+            slicing["slice_separator_ids"] = reference_separator_ids(tokenizer)
+        else:
+            logger.warning("slice mode without a tokenizer: set slice_separator_ids in the converted config")
     return TokenPackerLlavaConfig(
         vision_config=vision.config,
         text_config=text_config,
@@ -122,6 +182,7 @@ def build_config(
         image_token_id=image_token_id,
         image_aspect_ratio=image_aspect_ratio,
         dtype=reference.get("torch_dtype") or reference.get("dtype"),
+        **slicing,
     )
 
 
@@ -174,10 +235,12 @@ def convert_reference_checkpoint(
     max_shard_size: str = "5GB",
     trust_remote_code: bool = False,
     verify: bool = True,
+    patch_num: int | None = None,
 ) -> Path:
     """Convert ``src`` (reference layout) into ``dst`` (this project's format) and verify it loads.
 
-    ``vision_tower`` overrides the config's ``mm_vision_tower`` (a hub id or local folder).
+    ``vision_tower`` overrides the config's ``mm_vision_tower`` (a hub id or local folder);
+    ``patch_num`` overrides a slice-mode checkpoint's (whose config may lack it).
     """
     src, dst = Path(src), Path(dst)
     reference = read_reference_config(src)
@@ -209,6 +272,8 @@ def convert_reference_checkpoint(
         vision,
         text_type=text_model_type(reference, text_model_type_override),
         image_token_id=image_token_id,
+        tokenizer=tokenizer,
+        patch_num=patch_num,
     )
 
     def cast(tensor: torch.Tensor) -> torch.Tensor:

@@ -1,7 +1,9 @@
 """The training dataset: raw LLaVA rows -> validated, tokenized samples with their images.
 
 ``SampleBuilder`` turns one ``Record`` into the sample dict the collators consume
-(``input_ids``, ``labels``, ``pixel_values`` or None, ``row``, ``id``). ``LlavaDataset``
+(``input_ids``, ``labels``, ``pixel_values`` or None, ``row``, ``id``); ``pixel_values`` holds
+every view of the sample's images in placeholder order (one per image, or in slice mode each
+image's tiles and global view, ``data.visual_inputs``). ``LlavaDataset``
 applies the bad-sample policy: with ``error`` the first bad row stops the run with its row
 and reason; with ``skip`` the row is logged by name and replaced by the next good row, and
 the skipped descriptions travel with the sample (``skipped``) so the trainer can count
@@ -19,11 +21,11 @@ import torch
 from torch.utils.data import Dataset
 from transformers import PreTrainedTokenizerBase
 
-from tokenpacker_llava.data.images import ImagePreprocessor
 from tokenpacker_llava.data.records import IMAGE_PLACEHOLDER, BadSample, Record, parse_record
 from tokenpacker_llava.data.sources import DataSource, MixedRecords
 from tokenpacker_llava.data.templates import ConversationTemplate
 from tokenpacker_llava.data.tokenize import tokenize_conversation
+from tokenpacker_llava.data.visual_inputs import ImageLoader, ImageMode
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +58,11 @@ class SampleBuilder:
         max_length: int | None,
         image_processor: Any | None = None,
         image_aspect_ratio: str = "pad",
+        patch_num: int = 9,
+        separator_ids: tuple[int, int] | None = None,
     ) -> None:
+        """``tokens_per_image``: tokens per view (per image outside slice mode); ``patch_num`` and
+        ``separator_ids`` (the ``,`` and newline token ids) are used in slice mode only."""
         self.tokenizer = tokenizer
         self.template = template
         self.image_token_id = image_token_id
@@ -64,27 +70,49 @@ class SampleBuilder:
         self.max_length = max_length
         self.image_processor = image_processor
         self.image_aspect_ratio = image_aspect_ratio
-        self._preprocessors: dict[str | None, ImagePreprocessor] = {}
+        self.mode = ImageMode(
+            aspect_ratio=image_aspect_ratio,
+            image_token_id=image_token_id,
+            tokens_per_view=tokens_per_image,
+            patch_num=patch_num,
+            separator_ids=separator_ids,
+        )
+        self._loaders: dict[str | None, ImageLoader] = {}
 
-    def images_for(self, image_folder: str | None) -> ImagePreprocessor:
+    @property
+    def max_tokens_per_image(self) -> int:
+        """The longest expansion of one ``<image>`` (slice mode: the largest grid's)."""
+        return self.mode.max_tokens_per_image
+
+    def images_for(self, image_folder: str | None) -> ImageLoader:
         if self.image_processor is None:
             raise ValueError("this dataset has image rows but no image processor was given")
-        if image_folder not in self._preprocessors:
-            self._preprocessors[image_folder] = ImagePreprocessor(
-                self.image_processor, aspect_ratio=self.image_aspect_ratio, image_folder=image_folder
+        if image_folder not in self._loaders:
+            self._loaders[image_folder] = ImageLoader(
+                self.image_processor, self.mode, image_folder=image_folder
             )
-        return self._preprocessors[image_folder]
+        return self._loaders[image_folder]
 
     def build(self, record: Record, image_folder: str | None = None) -> dict[str, Any]:
-        """Tokenize first (cheap, catches most bad rows), then decode the images."""
+        """Tokenize first (cheap, catches most bad rows), then decode the images.
+
+        In slice mode each image's layout depends on its size, read from the file header before
+        tokenizing; the images are decoded afterwards with those same plans.
+        """
+        plans = None
+        expansion: dict[str, Any] = {"tokens_per_image": self.tokens_per_image}
         try:
+            if self.mode.slicing and record.images:
+                loader = self.images_for(image_folder)
+                plans = [loader.plan_path(path) for path in record.images]
+                expansion = {"image_expansions": [loader.token_ids(plan) for plan in plans]}
             tokens = tokenize_conversation(
                 record.turns,
                 self.template,
                 self.tokenizer,
                 image_token_id=self.image_token_id,
-                tokens_per_image=self.tokens_per_image,
                 max_length=self.max_length,
+                **expansion,
             )
         except BadSample as error:
             raise error.at(record.row, record.id) from None
@@ -99,11 +127,16 @@ class SampleBuilder:
             )
         pixel_values = None
         if record.images and tokens.num_images:
-            preprocess = self.images_for(image_folder)
+            loader = self.images_for(image_folder)
+            kept = record.images[: tokens.num_images]
             try:
-                pixel_values = torch.stack([preprocess(path) for path in record.images[: tokens.num_images]])
+                views = [
+                    loader.load(path, plans[index] if plans else None).pixel_values
+                    for index, path in enumerate(kept)
+                ]
             except BadSample as error:
                 raise error.at(record.row, record.id) from None
+            pixel_values = torch.cat(views)
         return {
             "input_ids": torch.tensor(tokens.input_ids, dtype=torch.long),
             "labels": torch.tensor(tokens.labels, dtype=torch.long),
@@ -161,11 +194,13 @@ class LlavaDataset(Dataset):
     def modality_lengths(self) -> list[int]:
         """LLaVA's grouping lengths: approximate tokens, positive with images, negative text-only.
 
-        Estimated from word counts (no tokenization) so it is cheap for millions of rows.
+        Estimated from word counts (no tokenization) so it is cheap for millions of rows; in slice
+        mode every image counts as its worst case (the largest grid), since reading millions of
+        image headers would be slow on network storage.
         """
         if self._lengths is None:
             self._lengths = [
-                estimate_length(raw, self.builder.tokens_per_image) for _, _, raw in _iter(self.records)
+                estimate_length(raw, self.builder.max_tokens_per_image) for _, _, raw in _iter(self.records)
             ]
         return self._lengths
 

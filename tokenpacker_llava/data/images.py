@@ -235,7 +235,8 @@ class ImagePreprocessor:
         if aspect_ratio == "slice":
             raise ValueError(
                 "aspect_ratio='slice' (high-resolution slicing into several sub-images) is not handled by "
-                f"ImagePreprocessor, which makes one image tensor; choose one of {ASPECT_RATIOS}"
+                "ImagePreprocessor, which makes one image tensor; use data.visual_inputs.ImageLoader, or "
+                f"choose one of {ASPECT_RATIOS}"
             )
         if aspect_ratio not in ASPECT_RATIOS:
             raise ValueError(f"unknown aspect_ratio {aspect_ratio!r}; choose one of {ASPECT_RATIOS}")
@@ -266,6 +267,11 @@ class ImagePreprocessor:
         """(height, width) of every output."""
         return self._crop_hw or self._resize_hw
 
+    @property
+    def resample(self) -> Image.Resampling:
+        """The processor's resample filter."""
+        return self._resample
+
     # -- paths -----------------------------------------------------------------------------------
 
     def resolve(self, path: str) -> Path:
@@ -287,23 +293,48 @@ class ImagePreprocessor:
 
     # -- loading ---------------------------------------------------------------------------------
 
-    def open(self, path: str, *, draft: bool = False) -> Image.Image:
-        """The image at ``path`` as RGB with its EXIF orientation applied; ``BadSample`` if unusable.
-
-        ``draft=True`` lets a large JPEG decode at a reduced scale that is still at least as large as
-        ``preprocess`` needs (``__call__`` uses it); the default decodes at full resolution.
-        """
+    def _existing_file(self, path: str) -> Path:
         resolved = self.resolve(path)
         if not resolved.is_file():
             what = "is not a file" if resolved.exists() else "does not exist"
             raise BadSample("missing_image", f"image {path!r} ({resolved}) {what}")
         if resolved.stat().st_size == 0:
             raise BadSample("empty_image", f"image {path!r} ({resolved}) is an empty (zero-byte) file")
+        return resolved
+
+    def image_size(self, path: str) -> tuple[int, int]:
+        """(width, height) of the image ``open`` would return (EXIF orientation applied), read from the
+        file's header only; ``BadSample`` if the file is missing or its header unreadable."""
+        resolved = self._existing_file(path)
+        try:
+            with Image.open(resolved) as image:
+                width, height = image.size
+                transposed = _orientation(image) in _TRANSPOSING_ORIENTATIONS
+        except _DECODE_ERRORS as error:
+            raise BadSample(
+                "corrupt_image",
+                f"image {path!r} ({resolved}) cannot be read: {type(error).__name__}: {error}",
+            ) from error
+        return (height, width) if transposed else (width, height)
+
+    def open(self, path: str, *, draft: bool = False, min_size: tuple[int, int] | None = None) -> Image.Image:
+        """The image at ``path`` as RGB with its EXIF orientation applied; ``BadSample`` if unusable.
+
+        ``draft=True`` lets a large JPEG decode at a reduced scale that is still at least as large as
+        ``preprocess`` needs (``__call__`` uses it), or as ``min_size`` (width, height of the returned,
+        EXIF-oriented image) when given; the default decodes at full resolution.
+        """
+        resolved = self._existing_file(path)
         try:
             with Image.open(resolved) as image:
                 orientation = _orientation(image)
                 if draft:
-                    image.draft(None, self._draft_request(image.size, orientation))
+                    if min_size is None:
+                        request = self._draft_request(image.size, orientation)
+                    else:  # the draft works on stored pixels, before the EXIF transposition
+                        transposed = orientation in _TRANSPOSING_ORIENTATIONS
+                        request = (min_size[1], min_size[0]) if transposed else min_size
+                    image.draft(None, request)
                 # Decode now, inside the try: a truncated file only fails here (LOAD_TRUNCATED_IMAGES is
                 # left False), and later operations must not meet a half-read file.
                 image.load()
@@ -370,6 +401,10 @@ class ImagePreprocessor:
         canvas = Image.new("RGB", (target_width, target_height), self._background)
         canvas.paste(content, ((target_width - new_width) // 2, (target_height - new_height) // 2))
         return canvas
+
+    def normalize(self, image: Image.Image) -> torch.Tensor:
+        """``(3, H, W)`` float32: an RGB image rescaled and normalized as the processor does (no resize)."""
+        return self._normalize(to_rgb(image))
 
     def _normalize(self, image: Image.Image) -> torch.Tensor:
         pixels = np.asarray(image)  # (H, W, 3) uint8

@@ -18,8 +18,10 @@ and its id prepended, so the text after it is tokenized as the start of a text, 
 non-legacy Llama/Mistral tokenizer (Metaspace ``prepend_scheme="first"``) would tokenize
 ``"<s>A chat"`` as ``<s> A ...`` instead of the ``<s> ▁A ...`` the model was trained on.
 
-Each ``<image>`` token is then expanded to ``tokens_per_image`` copies (never supervised),
-and ``max_length`` counts the expanded length.
+Each ``<image>`` token is then expanded (never supervised): to ``tokens_per_image`` copies,
+or, given ``image_expansions``, the k-th ``<image>`` to ``image_expansions[k]`` (slice mode,
+where each image has its own layout of tiles and separator tokens, see ``data.visual_inputs``).
+``max_length`` counts the expanded length.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from typing import Any
 
 from tokenpacker_llava.data.records import IMAGE_PLACEHOLDER, BadSample, Turn
 from tokenpacker_llava.data.templates import ConversationTemplate, Rendered, split_turns
-from tokenpacker_llava.tokenization import expand_image_tokens
+from tokenpacker_llava.tokenization import expand_images
 
 IGNORE_INDEX = -100
 
@@ -117,12 +119,46 @@ def _check_images(text: str, ids: Sequence[int], tokenizer: Any, image_token_id:
     return count
 
 
-def _expanded_lengths(ids: Sequence[int], image_token_id: int, tokens_per_image: int) -> list[int]:
-    """``cum[i]``: the expanded length of ``ids[:i]``."""
+def _expanded_lengths(ids: Sequence[int], image_token_id: int, image_lengths: Sequence[int]) -> list[int]:
+    """``cum[i]``: the expanded length of ``ids[:i]``, the k-th image token counting ``image_lengths[k]``."""
     cum = [0]
+    image = 0
     for token in ids:
-        cum.append(cum[-1] + (tokens_per_image if token == image_token_id else 1))
+        if token == image_token_id:
+            cum.append(cum[-1] + image_lengths[image])
+            image += 1
+        else:
+            cum.append(cum[-1] + 1)
     return cum
+
+
+def _image_expansions(
+    count: int,
+    image_token_id: int,
+    tokens_per_image: int | None,
+    image_expansions: Sequence[Sequence[int]] | None,
+) -> list[Sequence[int]]:
+    """What each of the first ``count`` images expands to."""
+    if image_expansions is None:
+        assert tokens_per_image is not None  # checked by the callers
+        return [[image_token_id] * tokens_per_image] * count
+    if count > len(image_expansions):
+        raise ValueError(
+            f"the text holds {count} image placeholder(s) but only {len(image_expansions)} image expansion(s) "
+            "were given"
+        )
+    return list(image_expansions[:count])
+
+
+def _check_expansion_options(
+    tokens_per_image: int | None, image_expansions: Sequence[Sequence[int]] | None
+) -> None:
+    if (tokens_per_image is None) == (image_expansions is None):
+        raise ValueError("pass exactly one of tokens_per_image or image_expansions")
+    if tokens_per_image is not None and tokens_per_image < 1:
+        raise ValueError(f"tokens_per_image must be >= 1, got {tokens_per_image}")
+    if image_expansions is not None and any(len(expansion) == 0 for expansion in image_expansions):
+        raise ValueError("an image expansion is empty")
 
 
 class _Encoded:
@@ -133,14 +169,18 @@ class _Encoded:
         rendered: Rendered,
         tokenizer: Any,
         image_token_id: int,
-        tokens_per_image: int,
+        tokens_per_image: int | None,
+        image_expansions: Sequence[Sequence[int]] | None,
     ) -> None:
         self.rendered = rendered
         self.image_token_id = image_token_id
         self.ids, self.offsets = _encode(rendered.text, tokenizer)
         self.labels = _labels(self.ids, self.offsets, rendered.supervised)
         self.num_images = _check_images(rendered.text, self.ids, tokenizer, image_token_id)
-        self.cum = _expanded_lengths(self.ids, image_token_id, tokens_per_image)
+        self.expansions = _image_expansions(
+            self.num_images, image_token_id, tokens_per_image, image_expansions
+        )
+        self.cum = _expanded_lengths(self.ids, image_token_id, [len(e) for e in self.expansions])
 
     @property
     def length(self) -> int:
@@ -161,10 +201,15 @@ def tokenize_conversation(
     tokenizer: Any,
     *,
     image_token_id: int,
-    tokens_per_image: int,
+    tokens_per_image: int | None = None,
+    image_expansions: Sequence[Sequence[int]] | None = None,
     max_length: int | None,
 ) -> TokenizedSample:
     """Render, tokenize and label a training conversation, fitting it into ``max_length``.
+
+    Exactly one of ``tokens_per_image`` (every ``<image>`` becomes that many placeholders) and
+    ``image_expansions`` (the k-th ``<image>`` becomes ``image_expansions[k]``; at least one per
+    image of the conversation) must be given.
 
     If the expanded sequence is longer than ``max_length``, trailing (user, assistant)
     pairs are dropped while more than one remains; if the first pair alone is still too
@@ -174,8 +219,7 @@ def tokenize_conversation(
     ``BadSample("no_supervised_tokens")``. The BadSample carries no row; callers add it with
     ``.at(row, id)``.
     """
-    if tokens_per_image < 1:
-        raise ValueError(f"tokens_per_image must be >= 1, got {tokens_per_image}")
+    _check_expansion_options(tokens_per_image, image_expansions)
     if max_length is not None and max_length < 1:
         raise ValueError(f"max_length must be >= 1, got {max_length}")
     _require_offsets(tokenizer)
@@ -186,7 +230,9 @@ def tokenize_conversation(
 
     def encode(pairs: int) -> _Encoded:
         kept = prefix + body[: 2 * pairs]
-        return _Encoded(template.render(kept, tokenizer), tokenizer, image_token_id, tokens_per_image)
+        return _Encoded(
+            template.render(kept, tokenizer), tokenizer, image_token_id, tokens_per_image, image_expansions
+        )
 
     num_pairs = len(dialogue.pairs)
     encoded = encode(num_pairs)
@@ -211,11 +257,12 @@ def tokenize_conversation(
             encoded = encode(keep)
         if encoded.length > max_length:
             encoded, truncated = _truncate_answer(encoded, max_length), True
-    input_ids = expand_image_tokens(encoded.ids, image_token_id, tokens_per_image)
+    input_ids = expand_images(encoded.ids, image_token_id, encoded.expansions)
     labels: list[int] = []
+    images = iter(encoded.expansions)
     for token, label in zip(encoded.ids, encoded.labels, strict=True):
         if token == image_token_id:
-            labels.extend([IGNORE_INDEX] * tokens_per_image)
+            labels.extend([IGNORE_INDEX] * len(next(images)))
         else:
             labels.append(label)
     if all(label == IGNORE_INDEX for label in labels):
@@ -249,6 +296,7 @@ def _truncate_answer(encoded: _Encoded, max_length: int) -> _Encoded:
     encoded.offsets = encoded.offsets[:cut]
     encoded.cum = encoded.cum[: cut + 1]
     encoded.num_images = sum(1 for token in encoded.ids if token == encoded.image_token_id)
+    encoded.expansions = encoded.expansions[: encoded.num_images]
     return encoded
 
 
@@ -258,15 +306,25 @@ def tokenize_prompt(
     tokenizer: Any,
     *,
     image_token_id: int,
-    tokens_per_image: int,
+    tokens_per_image: int | None = None,
+    image_expansions: Sequence[Sequence[int]] | None = None,
 ) -> list[int]:
     """Token ids of a generation prompt (turns end with a user turn), images expanded.
 
-    Rendered with ``add_generation_prompt=True`` and tokenized exactly as in training.
+    Rendered with ``add_generation_prompt=True`` and tokenized exactly as in training; images are
+    expanded as by ``tokenize_conversation`` (exactly one of ``tokens_per_image`` and
+    ``image_expansions``, which then needs exactly one expansion per ``<image>``).
     """
+    _check_expansion_options(tokens_per_image, image_expansions)
     _require_offsets(tokenizer)
     template.check_tokenizer(tokenizer)
     rendered = template.render(turns, tokenizer, add_generation_prompt=True)
     ids, _ = _encode(rendered.text, tokenizer)
-    _check_images(rendered.text, ids, tokenizer, image_token_id)
-    return expand_image_tokens(ids, image_token_id, tokens_per_image)
+    count = _check_images(rendered.text, ids, tokenizer, image_token_id)
+    if image_expansions is not None and len(image_expansions) != count:
+        raise ValueError(
+            f"the prompt holds {count} image placeholder(s) but {len(image_expansions)} image(s) were given"
+        )
+    return expand_images(
+        ids, image_token_id, _image_expansions(count, image_token_id, tokens_per_image, image_expansions)
+    )

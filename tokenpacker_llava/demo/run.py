@@ -47,6 +47,7 @@ class DemoSettings:
     stage2_epochs: float = 3.0
     batch_size: int = 16
     max_steps: int = -1  # >0 caps each stage (the quick test)
+    image_aspect_ratio: str = "pad"  # "slice": TokenPacker-HD tiling (a 64 px image is one tile)
 
     @classmethod
     def quick(cls) -> DemoSettings:
@@ -78,6 +79,7 @@ def run_stage(
         "SAVE_STEPS": "100000",
         "PROJECTOR_TYPE": "tokenpacker",
         "SCALE_FACTOR": "2",
+        "IMAGE_ASPECT_RATIO": settings.image_aspect_ratio,
         "OMP_NUM_THREADS": str(os.cpu_count() or 1),
         # A free port, so a demo (or its test) can run next to another torchrun job.
         "MASTER_PORT": os.environ.get("MASTER_PORT") or str(_free_port()),
@@ -114,32 +116,38 @@ def answer(model_dir: Path, questions: list[dict], image_folder: Path, batch_siz
     from transformers import AutoImageProcessor, AutoTokenizer
 
     from tokenpacker_llava import TokenPackerLlavaForConditionalGeneration
-    from tokenpacker_llava.data.images import ImagePreprocessor
     from tokenpacker_llava.data.records import Turn
     from tokenpacker_llava.data.templates import get_template
     from tokenpacker_llava.data.tokenize import tokenize_prompt
+    from tokenpacker_llava.data.visual_inputs import ImageLoader, ImageMode
 
     model = TokenPackerLlavaForConditionalGeneration.from_pretrained(model_dir).eval()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     template = get_template("vicuna_v1", tokenizer)
-    images = ImagePreprocessor(AutoImageProcessor.from_pretrained(model_dir), image_folder=image_folder)
+    # The model config says how images become views and placeholder tokens (pad, resize, slice).
+    images = ImageLoader(
+        AutoImageProcessor.from_pretrained(model_dir),
+        ImageMode.from_config(model.config),
+        image_folder=image_folder,
+    )
     answers: list[str] = []
     for start in range(0, len(questions), batch_size):
         chunk = questions[start : start + batch_size]
+        visuals = [images(q["image"]) for q in chunk]
         prompts = [
             tokenize_prompt(
                 [Turn("system", synthetic.SYSTEM), Turn("user", "<image>\n" + q["text"])],
                 template,
                 tokenizer,
                 image_token_id=model.config.image_token_id,
-                tokens_per_image=model.num_image_tokens,
+                image_expansions=[visual.token_ids],
             )
-            for q in chunk
+            for q, visual in zip(chunk, visuals, strict=True)
         ]
         width = max(map(len, prompts))
         input_ids = torch.tensor([[tokenizer.pad_token_id or 0] * (width - len(p)) + p for p in prompts])
         attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-        pixel_values = torch.stack([images(q["image"]) for q in chunk])
+        pixel_values = torch.cat([visual.pixel_values for visual in visuals])
         with torch.no_grad():
             output = model.generate(
                 input_ids=input_ids,
@@ -176,13 +184,26 @@ def results_table(questions: list[dict], answers: list[str]) -> tuple[str, dict]
     ), results
 
 
-def run_demo(output_dir: Path, settings: DemoSettings) -> dict:
-    started = time.perf_counter()
+@dataclass(frozen=True)
+class Prepared:
+    """The demo's dataset and "pretrained" parts on disk."""
+
+    data: Path  # captions.json, instructions.json, eval.json and images/
+    llm: Path  # tokenizer + tiny Llama
+    vision: Path  # tiny CLIP tower + image processor
+
+    @property
+    def images(self) -> Path:
+        return self.data / "images"
+
+
+def prepare(output_dir: Path, settings: DemoSettings) -> Prepared:
+    """Steps 1 and 2: the synthetic dataset, the tokenizer, the tiny LLM and the tiny tower."""
     data = output_dir / "data"
     logger.info("1/4 generating the synthetic dataset in %s", data)
     synthetic.write_split(data, "captions", settings.train_images, settings.seed)
     synthetic.write_split(data, "instructions", settings.train_images, settings.seed)
-    eval_path = synthetic.write_split(data, "eval", settings.eval_questions, settings.seed)
+    synthetic.write_split(data, "eval", settings.eval_questions, settings.seed)
 
     logger.info("2/4 making the tokenizer, the tiny LLM and the tiny vision tower")
     llm = parts.train_tokenizer(
@@ -204,6 +225,14 @@ def run_demo(output_dir: Path, settings: DemoSettings) -> dict:
         steps=settings.vision_steps,
         seed=settings.seed,
     )
+    return Prepared(data=data, llm=llm, vision=vision)
+
+
+def run_demo(output_dir: Path, settings: DemoSettings) -> dict:
+    started = time.perf_counter()
+    prepared = prepare(output_dir, settings)
+    data, llm, vision = prepared.data, prepared.llm, prepared.vision
+    eval_path = data / "eval.json"
 
     logger.info("3/4 stage 1 (projector) and stage 2 (projector + LLM) through scripts/")
     common = {"LLM": str(llm), "VISION_TOWER": str(vision), "IMAGE_FOLDER": str(data / "images")}
@@ -263,9 +292,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output_dir", default="outputs/demo")
     parser.add_argument("--quick", action="store_true", help="a few steps of everything (seconds; for tests)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--image_aspect_ratio", choices=("pad", "resize", "slice"), default="pad")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = DemoSettings.quick() if args.quick else DemoSettings()
     settings.seed = args.seed
+    settings.image_aspect_ratio = args.image_aspect_ratio
     run_demo(Path(args.output_dir).resolve(), settings)
     return 0

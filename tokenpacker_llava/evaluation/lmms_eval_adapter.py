@@ -29,9 +29,10 @@ import torch
 
 from tokenpacker_llava.data.records import IMAGE_PLACEHOLDER, Turn
 from tokenpacker_llava.data.tokenize import _encode
+from tokenpacker_llava.data.visual_inputs import VisualInput
 from tokenpacker_llava.inference.generation import GenerationSettings, generate
 from tokenpacker_llava.inference.loading import LoadedModel, load_model
-from tokenpacker_llava.tokenization import expand_image_tokens
+from tokenpacker_llava.tokenization import expand_images
 
 logger = logging.getLogger(__name__)
 
@@ -68,13 +69,13 @@ class TokenPackerLlavaLmms:
         self.batch_size = int(batch_size)
         self.max_new_tokens = int(max_new_tokens)
         self.task_dict: dict[str, Any] = getattr(self, "task_dict", None) or {}
-        self.preprocessor = loaded.preprocessor()
+        self.images = loaded.images()
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
 
     # -- helpers ---------------------------------------------------------------------------------
 
-    def _images(self, doc_to_visual: Any, doc_id: Any, task: str, split: str) -> list[torch.Tensor]:
+    def _images(self, doc_to_visual: Any, doc_id: Any, task: str, split: str) -> list[VisualInput]:
         if doc_to_visual is None:
             return []
         visuals = doc_to_visual(self.task_dict[task][split][doc_id])
@@ -84,12 +85,12 @@ class TokenPackerLlavaLmms:
             visuals = [visuals]
         from PIL import Image
 
-        tensors = []
+        prepared = []
         for visual in visuals:
             if not isinstance(visual, Image.Image):
                 raise TypeError(f"only PIL images are supported as visuals, got {type(visual).__name__}")
-            tensors.append(self.preprocessor.preprocess(visual))
-        return tensors
+            prepared.append(self.images.from_image(visual))
+        return prepared
 
     @staticmethod
     def _user_text(context: str, num_images: int) -> str:
@@ -135,9 +136,11 @@ class TokenPackerLlavaLmms:
                     context, _, doc_to_visual, doc_id, task, split = requests[index].args
                     row_images = self._images(doc_to_visual, doc_id, task, split)
                     prompts.append(
-                        self.loaded.prompt_ids([Turn("user", self._user_text(context, len(row_images)))])
+                        self.loaded.prompt_ids(
+                            [Turn("user", self._user_text(context, len(row_images)))], row_images
+                        )
                     )
-                    images.append(row_images)
+                    images.append([image.pixel_values for image in row_images])
                 for index, text in zip(chunk, generate(self.loaded, prompts, images, settings), strict=True):
                     for stop in until:
                         if stop and stop in text:
@@ -164,7 +167,7 @@ class TokenPackerLlavaLmms:
         return out
 
     def continuation_logprob(
-        self, user_text: str, continuation: str, images: Sequence[torch.Tensor] = ()
+        self, user_text: str, continuation: str, images: Sequence[VisualInput] = ()
     ) -> tuple[float, bool]:
         loaded = self.loaded
         turns = [Turn("user", user_text), Turn("assistant", continuation)]
@@ -177,7 +180,7 @@ class TokenPackerLlavaLmms:
         ids, offsets = _encode(rendered.text[:end], loaded.tokenizer)
         # As in training: a token belongs to the answer iff its offset end lies in (start, end].
         first = next((i for i, (_, stop) in enumerate(offsets) if stop > start), len(ids))
-        context_ids = expand_image_tokens(ids[:first], loaded.image_token_id, loaded.tokens_per_image)
+        context_ids = expand_images(ids[:first], loaded.image_token_id, [image.token_ids for image in images])
         answer_ids = ids[first:]
         if not answer_ids:
             return 0.0, True
@@ -185,7 +188,8 @@ class TokenPackerLlavaLmms:
         model = loaded.model
         pixels = None
         if images:
-            pixels = torch.stack(list(images)).to(loaded.device, next(model.parameters()).dtype)
+            pixels = torch.cat([image.pixel_values for image in images])
+            pixels = pixels.to(loaded.device, next(model.parameters()).dtype)
         with torch.inference_mode():
             logits = model(input_ids=input_ids, pixel_values=pixels).logits[0].float()
         predicted = logits[len(context_ids) - 1 : -1]

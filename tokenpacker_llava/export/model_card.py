@@ -154,12 +154,24 @@ model = AutoModelForImageTextToText.from_pretrained("{repo}", trust_remote_code=
             remote,
             "",
         ]
-    parts += [
-        f"Inputs: each `{config.image_token}` placeholder (token id {config.image_token_id}) in `input_ids` "
-        f"must be expanded to {config.num_image_tokens} copies, one image per placeholder in order; "
-        f"images are {config.vision_config.image_size} px, preprocessed with "
-        f"`image_aspect_ratio={config.image_aspect_ratio!r}`.",
-    ]
+    if config.image_aspect_ratio == "slice":
+        comma, newline = config.slice_separator_ids or ("?", "?")
+        inputs = (
+            f"Inputs (TokenPacker-HD slice mode, up to {config.patch_num} tiles): each image is cut into "
+            f"{config.vision_config.image_size} px tiles plus, when there are several, a global view; in "
+            f"`input_ids` every view is a run of {config.num_image_tokens} `{config.image_token}` placeholders "
+            f"(token id {config.image_token_id}), tiles of a row separated by token {comma} (`,`) and every row "
+            f"and the global view followed by token {newline} (newline); `pixel_values` holds the views in that "
+            "order. `tokenpacker_llava.data.visual_inputs.ImageLoader` builds both."
+        )
+    else:
+        inputs = (
+            f"Inputs: each `{config.image_token}` placeholder (token id {config.image_token_id}) in `input_ids` "
+            f"must be expanded to {config.num_image_tokens} copies, one image per placeholder in order; "
+            f"images are {config.vision_config.image_size} px, preprocessed with "
+            f"`image_aspect_ratio={config.image_aspect_ratio!r}`."
+        )
+    parts += [inputs]
     return "\n".join(parts)
 
 

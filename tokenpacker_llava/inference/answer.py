@@ -393,12 +393,12 @@ def answer_questions(
     if not pending:
         return run
 
-    preprocessor = loaded.preprocessor(image_folder)
+    images = loaded.images(image_folder)
     # Missing images fail now, not hours into the run (decoding errors surface at their batch).
     for question in pending:
         if question.image is not None:
             try:
-                resolved = preprocessor.resolve(question.image)
+                resolved = images.resolve(question.image)
                 if not resolved.is_file():
                     raise BadSample("missing_image", f"image {question.image!r} ({resolved}) does not exist")
             except BadSample as error:
@@ -407,13 +407,13 @@ def answer_questions(
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a", encoding="utf-8") as handle:
         for batch in _batches(pending, batch_size):
-            token_ids, images, texts = [], [], []
+            token_ids, pixels, texts = [], [], []
             for question in batch:
                 try:
-                    image = preprocessor(question.image) if question.image is not None else None
+                    image = images(question.image) if question.image is not None else None
                 except BadSample as error:
                     raise _located(error, question) from None
-                ids = loaded.prompt_ids(question.turns(prompt_suffix))
+                ids = loaded.prompt_ids(question.turns(prompt_suffix), [image] if image is not None else [])
                 if loaded.max_length is not None and len(ids) >= loaded.max_length:
                     raise QuestionFileError(
                         f"{question.where} (question_id {question.question_id!r}): the prompt is {len(ids)} "
@@ -421,8 +421,8 @@ def answer_questions(
                     )
                 texts.append(prompts[question.key])
                 token_ids.append(ids)
-                images.append(image)
-            outputs = generate(loaded, token_ids, images, settings)
+                pixels.append(image.pixel_values if image is not None else None)
+            outputs = generate(loaded, token_ids, pixels, settings)
             lines = []
             for question, prompt, output in zip(batch, texts, outputs, strict=True):
                 metadata: dict[str, Any] = {"image": question.image, **run_settings}

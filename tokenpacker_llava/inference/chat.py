@@ -29,18 +29,25 @@ class ChatSession:
         self.image = image
         self.settings = settings or GenerationSettings(max_new_tokens=512)
         # Decoded once; BadSample for a missing or corrupt file.
-        self.pixel_values = loaded.preprocessor()(image) if image is not None else None
+        self.visual = loaded.images()(image) if image is not None else None
         self.history: list[Turn] = []
+
+    @property
+    def pixel_values(self):
+        """The image's views, ``(views, 3, H, W)``, or None."""
+        return self.visual.pixel_values if self.visual is not None else None
 
     def reset(self) -> None:
         self.history = []
 
     def ask(self, text: str, *, streamer: Any = None) -> str:
         """The model's answer to ``text`` after the conversation so far; both join the history."""
-        if not self.history and self.pixel_values is not None:
+        if not self.history and self.visual is not None:
             text = f"{IMAGE_PLACEHOLDER}\n{text}"
         user = Turn("user", text)
-        prompt = self.loaded.prompt_ids([*self.history, user])
+        # The image sits in the first user turn, which every prompt of the conversation holds.
+        images = [self.visual] if self.visual is not None else []
+        prompt = self.loaded.prompt_ids([*self.history, user], images)
         answer = generate(self.loaded, [prompt], [self.pixel_values], self.settings, streamer=streamer)[0]
         self.history += [user, Turn("assistant", answer)]
         return answer

@@ -1,8 +1,9 @@
 """Batched generation from prompts tokenized exactly as in training.
 
 ``generate(loaded, prompts, images, settings)`` left-pads the prompts (token id lists with each
-``<image>`` already expanded, see ``LoadedModel.prompt_ids``), stacks their images in placeholder
-order, runs ``model.generate`` and returns the decoded answers, each cut at its first stop token.
+``<image>`` already expanded, see ``LoadedModel.prompt_ids``), stacks their images' views (one
+per image, or in slice mode each image's tiles and global view) in placeholder order, runs
+``model.generate`` and returns the decoded answers, each cut at its first stop token.
 At temperature 0 decoding is greedy (``do_sample=False``), hence deterministic; a batch gives
 the same answers as the same prompts one by one (left padding is masked).
 """
@@ -101,7 +102,10 @@ def _as_image_list(images: torch.Tensor | Sequence[torch.Tensor] | None) -> list
         return []
     if isinstance(images, torch.Tensor):
         return [images] if images.dim() == 3 else list(images)
-    return list(images)
+    views: list[torch.Tensor] = []
+    for image in images:
+        views.extend([image] if image.dim() == 3 else list(image))
+    return views
 
 
 def left_pad(prompts: Sequence[Sequence[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -124,7 +128,9 @@ def generate(
     *,
     streamer: Any = None,
 ) -> list[str]:
-    """Answers to ``prompts`` (one batch); ``images[i]``: the image(s) of prompt i, in placeholder order.
+    """Answers to ``prompts`` (one batch); ``images[i]``: the image views of prompt i in placeholder
+    order: a ``(3, H, W)`` tensor, a ``(views, 3, H, W)`` tensor (``VisualInput.pixel_values``), a list of
+    them, or None.
 
     ``streamer`` (e.g. ``transformers.TextStreamer(tokenizer, skip_prompt=True)``) needs a single prompt.
     """
@@ -142,7 +148,7 @@ def generate(
         placeholders = sum(1 for token in prompt if token == loaded.image_token_id)
         if placeholders != len(row_images) * loaded.tokens_per_image:
             raise ValueError(
-                f"prompt {index} holds {placeholders} image tokens but {len(row_images)} image(s) x "
+                f"prompt {index} holds {placeholders} image tokens but {len(row_images)} image view(s) x "
                 f"{loaded.tokens_per_image} tokens were given"
             )
         if max_length is not None and len(prompt) >= max_length:

@@ -4,7 +4,10 @@ A stage-2 output folder (or a converted reference checkpoint) holds the model, i
 (with ``<image>``), the vision tower's image processor and, for folders this package trained,
 ``training_config.json`` whose ``"template"`` names the conversation template used in training.
 ``load_model`` returns all of it as one ``LoadedModel``, with the tokenizer padding on the left
-(batched generation) and the template checked against the tokenizer.
+(batched generation) and the template checked against the tokenizer. Images are prepared the way
+the model config says (``image_aspect_ratio``, and in slice mode ``patch_num`` and the separator
+ids training stored): ``LoadedModel.images()`` makes them, ``prompt_ids(turns, images)`` lays
+their tokens out.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from tokenpacker_llava.data.images import ImagePreprocessor
 from tokenpacker_llava.data.records import Turn
 from tokenpacker_llava.data.templates import TEMPLATES, ConversationTemplate, get_template
 from tokenpacker_llava.data.tokenize import tokenize_prompt
+from tokenpacker_llava.data.visual_inputs import ImageLoader, ImageMode, VisualInput
 
 logger = logging.getLogger(__name__)
 
@@ -58,20 +62,37 @@ class LoadedModel:
         """The LLM's context length (``max_position_embeddings``), if it declares one."""
         return getattr(self.model.config.text_config, "max_position_embeddings", None)
 
+    @property
+    def image_mode(self) -> ImageMode:
+        return ImageMode.from_config(self.model.config)
+
     def preprocessor(self, image_folder: str | Path | None = None) -> ImagePreprocessor:
-        """An ``ImagePreprocessor`` as in training (``BadSample`` for missing or corrupt images)."""
+        """An ``ImagePreprocessor`` as in training (``BadSample`` for missing or corrupt images); one
+        tensor per image, so not for slice mode (use ``images``)."""
         return ImagePreprocessor(
             self.image_processor, aspect_ratio=self.image_aspect_ratio, image_folder=image_folder
         )
 
-    def prompt_ids(self, turns: list[Turn]) -> list[int]:
-        """The generation prompt of ``turns`` (ending with a user turn), tokenized as in training."""
+    def images(self, image_folder: str | Path | None = None) -> ImageLoader:
+        """Paths or PIL images -> ``VisualInput`` (views and token ids) as in training, in every mode."""
+        return ImageLoader(self.image_processor, self.image_mode, image_folder=image_folder)
+
+    def prompt_ids(self, turns: list[Turn], images: list[VisualInput] | None = None) -> list[int]:
+        """The generation prompt of ``turns`` (ending with a user turn), tokenized as in training.
+
+        ``images``: one per ``<image>`` of the turns, in order; each placeholder becomes the image's
+        ``token_ids``. Without them every ``<image>`` becomes ``tokens_per_image`` placeholders,
+        which slice mode does not allow (its layout depends on the image).
+        """
+        if images is None and self.image_mode.slicing:
+            images = []  # so that a prompt with an <image> fails with a clear count mismatch
         return tokenize_prompt(
             turns,
             self.template,
             self.tokenizer,
             image_token_id=self.image_token_id,
-            tokens_per_image=self.tokens_per_image,
+            tokens_per_image=None if images is not None else self.tokens_per_image,
+            image_expansions=None if images is None else [image.token_ids for image in images],
         )
 
 
@@ -148,6 +169,7 @@ def load_model(
             f"image_token_id is {config.image_token_id}; the folder's tokenizer does not belong to this model"
         )
     image_processor = AutoImageProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
+    mode = ImageMode.from_config(config)  # fails now, naming what is missing, rather than at the first image
     loaded = LoadedModel(
         model=model,
         tokenizer=tokenizer,
@@ -158,12 +180,10 @@ def load_model(
         model_id=model_id or path.resolve().name,
         path=path,
     )
-    logger.info(
-        "loaded %s (%s, template %s, %d tokens per image) on %s",
-        path,
-        dtype,
-        template_name,
-        loaded.tokens_per_image,
-        device,
+    images = (
+        f"slice mode, patch_num {mode.patch_num}, {mode.tokens_per_view} tokens per view"
+        if mode.slicing
+        else f"{loaded.tokens_per_image} tokens per image"
     )
+    logger.info("loaded %s (%s, template %s, %s) on %s", path, dtype, template_name, images, device)
     return loaded

@@ -22,6 +22,9 @@ CLIP_L_336 = {
 }
 
 IMAGE_ASPECT_RATIOS = ("pad", "resize", "slice")
+# Tile budgets of the published slice-mode candidate lists (data/slicing.py holds the lists; kept
+# apart so that this module, which the remote code bundles, needs nothing from the data pipeline).
+SLICE_PATCH_NUMS = (9, 16, 25)
 
 
 class TokenPackerLlavaConfig(PretrainedConfig):
@@ -38,7 +41,11 @@ class TokenPackerLlavaConfig(PretrainedConfig):
             projectors that read them; None scales 12/16/22/23 of a 24-layer tower.
         image_token_id: id of the ``<image>`` placeholder; may lie outside the embedding
             table, since placeholder embeddings are always replaced by image features.
-        image_aspect_ratio: image preprocessing, ``pad`` (LLaVA-1.5), ``resize`` or ``slice``.
+        image_aspect_ratio: image preprocessing, ``pad`` (LLaVA-1.5), ``resize`` or ``slice``
+            (TokenPacker-HD: tiles plus a global view, each ``num_image_tokens`` tokens).
+        patch_num: slice mode's tile budget, 9, 16 or 25 (the reference's default 9).
+        slice_separator_ids: slice mode's [``,`` token id, newline token id], placed between the
+            tiles in ``input_ids``; set from the tokenizer when training starts.
     """
 
     model_type = "tokenpacker_llava"
@@ -59,6 +66,8 @@ class TokenPackerLlavaConfig(PretrainedConfig):
     image_token_id: int | None = None
     image_token: str = "<image>"
     image_aspect_ratio: str = "pad"
+    patch_num: int = 9
+    slice_separator_ids: list[int] | None = None
     tie_word_embeddings: bool = False
 
     def __post_init__(self, **kwargs: Any) -> None:
@@ -72,6 +81,17 @@ class TokenPackerLlavaConfig(PretrainedConfig):
             raise ValueError(
                 f"image_aspect_ratio must be one of {IMAGE_ASPECT_RATIOS}, got {self.image_aspect_ratio!r}"
             )
+        if self.patch_num not in SLICE_PATCH_NUMS:
+            raise ValueError(f"patch_num must be one of {SLICE_PATCH_NUMS}, got {self.patch_num!r}")
+        if self.slice_separator_ids is not None:
+            ids = list(self.slice_separator_ids)
+            if len(ids) != 2 or not all(
+                isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids
+            ):
+                raise ValueError(
+                    f"slice_separator_ids must be [comma id, newline id], got {self.slice_separator_ids!r}"
+                )
+            self.slice_separator_ids = ids
         # Resolving these raises a clear error for an unknown projector, a grid the scale
         # does not divide, or a layer index the tower does not have.
         self.num_image_tokens  # noqa: B018
@@ -93,7 +113,8 @@ class TokenPackerLlavaConfig(PretrainedConfig):
 
     @property
     def num_image_tokens(self) -> int:
-        """LLM tokens per image, i.e. how far one ``<image>`` placeholder expands."""
+        """LLM tokens per image view: how far one ``<image>`` expands outside slice mode, and the
+        tokens of each tile and of the global view in slice mode."""
         return self.projector_class.output_tokens(self.grid_size, self.scale_factor)
 
     @property

@@ -4,7 +4,10 @@ One class for every combination: the vision tower is any registered ViT family, 
 projector any registered projector, the LLM anything ``AutoModelForCausalLM`` builds
 (Llama/Vicuna, Mistral, Qwen2 ...), with its own head, loss and cache. Each ``<image>``
 placeholder in ``input_ids`` must already be expanded to ``config.num_image_tokens`` copies;
-images are consumed in placeholder order across the batch.
+images are consumed in placeholder order across the batch. Slice mode (TokenPacker-HD) needs
+nothing more here: each view (tile or global view) of an image is one entry of ``pixel_values``
+and one run of placeholders, and the ``,``/newline separators between them are ordinary token
+ids in ``input_ids`` (``data.visual_inputs``).
 """
 
 from __future__ import annotations
@@ -85,6 +88,8 @@ class TokenPackerLlavaForConditionalGeneration(TokenPackerLlavaPreTrainedModel, 
         multi_level_layers: list[int] | None = None,
         projector_options: dict | None = None,
         image_aspect_ratio: str = "pad",
+        patch_num: int = 9,
+        slice_separator_ids: list[int] | None = None,
         dtype: torch.dtype | None = None,
         attn_implementation: str | None = None,
         trust_remote_code: bool = False,
@@ -116,6 +121,8 @@ class TokenPackerLlavaForConditionalGeneration(TokenPackerLlavaPreTrainedModel, 
             projector_options=projector_options or {},
             image_token_id=image_token_id,
             image_aspect_ratio=image_aspect_ratio,
+            patch_num=patch_num,
+            slice_separator_ids=slice_separator_ids,
         )
         # The parts were loaded with the requested (or default) backend; keep it for the whole.
         config._attn_implementation = attn_implementation or llm.config._attn_implementation
@@ -185,10 +192,16 @@ class TokenPackerLlavaForConditionalGeneration(TokenPackerLlavaPreTrainedModel, 
         image_features = self.get_image_features(pixel_values)
         num_features = image_features.shape[0] * image_features.shape[1]
         if num_placeholders != num_features:
+            what = (
+                "each view of an image (tile or global view) must have its run of "
+                f"{self.num_image_tokens} placeholders and be one entry of pixel_values"
+                if self.config.image_aspect_ratio == "slice"
+                else f"each <image> must be expanded to {self.num_image_tokens} tokens and match one image"
+            )
             raise ValueError(
                 f"image placeholder/feature mismatch: input_ids contain {num_placeholders} image tokens but "
                 f"{image_features.shape[0]} image(s) x {image_features.shape[1]} tokens = {num_features} features; "
-                f"each <image> must be expanded to {self.num_image_tokens} tokens and match one image"
+                f"{what}"
             )
         features = image_features.reshape(-1, inputs_embeds.shape[-1]).to(inputs_embeds.dtype)
         return inputs_embeds.masked_scatter(image_mask.unsqueeze(-1), features)

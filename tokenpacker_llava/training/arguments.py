@@ -20,6 +20,7 @@ from transformers import HfArgumentParser
 
 from tokenpacker_llava.data.sources import parse_data_path
 from tokenpacker_llava.models.attention import ATTENTION_CHOICES
+from tokenpacker_llava.models.configuration import IMAGE_ASPECT_RATIOS, SLICE_PATCH_NUMS
 from tokenpacker_llava.models.projectors import PROJECTORS, TokenPreservingProjector
 
 logger = logging.getLogger(__name__)
@@ -96,7 +97,13 @@ class DataArguments:
     image_folder: str | None = field(
         default=None, metadata={"help": "Folder the image paths are relative to."}
     )
-    image_aspect_ratio: str = field(default="pad", metadata={"help": "pad (LLaVA-1.5) or resize."})
+    image_aspect_ratio: str = field(
+        default="pad",
+        metadata={"help": "pad (LLaVA-1.5), resize, or slice (TokenPacker-HD: tiles plus a global view)."},
+    )
+    patch_num: int = field(
+        default=9, metadata={"help": f"slice mode: the most tiles per image, one of {SLICE_PATCH_NUMS}."}
+    )
     streaming: bool = field(default=False, metadata={"help": "Stream the data instead of loading it."})
     on_bad_sample: str = field(
         default="error", metadata={"help": "error: stop at a bad row; skip: log and count."}
@@ -253,7 +260,14 @@ def validate(model_args: ModelArguments, data_args: DataArguments, training_args
             f"--bits {training_args.bits} (QLoRA) needs a CUDA device and the bitsandbytes package",
         )
     check(training_args.lora_bias in ("none", "all", "lora_only"), "--lora_bias: none, all or lora_only")
-    check(data_args.image_aspect_ratio in ("pad", "resize"), "--image_aspect_ratio: pad or resize")
+    check(
+        data_args.image_aspect_ratio in IMAGE_ASPECT_RATIOS,
+        f"--image_aspect_ratio {data_args.image_aspect_ratio!r}: choose from {IMAGE_ASPECT_RATIOS}",
+    )
+    check(
+        data_args.patch_num in SLICE_PATCH_NUMS,
+        f"--patch_num {data_args.patch_num}: choose from {SLICE_PATCH_NUMS} (the published slice grids)",
+    )
     check(data_args.on_bad_sample in ("error", "skip"), "--on_bad_sample: error or skip")
     check(
         not (data_args.streaming and training_args.group_by_modality_length),

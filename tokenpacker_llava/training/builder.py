@@ -14,7 +14,7 @@ from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer, PreTrain
 from tokenpacker_llava.models.attention import resolve_attn_implementation
 from tokenpacker_llava.models.configuration import TokenPackerLlavaConfig
 from tokenpacker_llava.models.modeling import TokenPackerLlavaForConditionalGeneration
-from tokenpacker_llava.tokenization import ensure_image_token
+from tokenpacker_llava.tokenization import ensure_image_token, slice_separator_ids
 from tokenpacker_llava.training.arguments import DataArguments, ModelArguments, TrainingArguments
 
 logger = logging.getLogger(__name__)
@@ -91,11 +91,45 @@ def build_model(
         vision_feature_layer=model_args.mm_vision_select_layer,
         multi_level_layers=model_args.multi_level_layers,
         image_aspect_ratio=data_args.image_aspect_ratio,
+        patch_num=data_args.patch_num,
         dtype=dtype,
         attn_implementation=attn,
         trust_remote_code=model_args.trust_remote_code,
         llm_quantization_config=quantization_config(training_args),
     )
+
+
+def configure_image_mode(
+    config: TokenPackerLlavaConfig, data_args: DataArguments, tokenizer: PreTrainedTokenizerBase
+) -> None:
+    """Record in the model config how this run feeds images, so the saved model is used the same way.
+
+    Slice mode also stores the ``,`` and newline separator ids. A config that already has them
+    (continuing from a trained or converted slice-mode model) keeps them: the model was trained
+    with those embeddings between its tiles.
+    """
+    for key, value in (
+        ("image_aspect_ratio", data_args.image_aspect_ratio),
+        ("patch_num", data_args.patch_num),
+    ):
+        if getattr(config, key) != value:
+            logger.info(
+                "model config %s: %r -> %r (this run's data options)", key, getattr(config, key), value
+            )
+            setattr(config, key, value)
+    if data_args.image_aspect_ratio != "slice":
+        return
+    if config.slice_separator_ids is None:
+        config.slice_separator_ids = list(slice_separator_ids(tokenizer))
+        logger.info(
+            "slice mode: tile separator ',' = id %d, row separator newline = id %d",
+            *config.slice_separator_ids,
+        )
+    else:
+        logger.info(
+            "slice mode: keeping the model's separator ids %s (',' and newline), which it was trained with",
+            config.slice_separator_ids,
+        )
 
 
 def quantization_config(training_args: TrainingArguments):

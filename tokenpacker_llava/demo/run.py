@@ -22,8 +22,6 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import torch
-
 from tokenpacker_llava.demo import parts, synthetic
 
 logger = logging.getLogger("tokenpacker_llava.demo")
@@ -113,51 +111,26 @@ def run_stage(
 
 def answer(model_dir: Path, questions: list[dict], image_folder: Path, batch_size: int = 32) -> list[str]:
     """Batched greedy answers to held-out questions (the same prompt format as training)."""
-    from transformers import AutoImageProcessor, AutoTokenizer
-
-    from tokenpacker_llava import TokenPackerLlavaForConditionalGeneration
     from tokenpacker_llava.data.records import Turn
-    from tokenpacker_llava.data.templates import get_template
-    from tokenpacker_llava.data.tokenize import tokenize_prompt
-    from tokenpacker_llava.data.visual_inputs import ImageLoader, ImageMode
+    from tokenpacker_llava.inference.generation import GenerationSettings, generate
+    from tokenpacker_llava.inference.loading import load_model
 
-    model = TokenPackerLlavaForConditionalGeneration.from_pretrained(model_dir).eval()
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    template = get_template("vicuna_v1", tokenizer)
-    # The model config says how images become views and placeholder tokens (pad, resize, slice).
-    images = ImageLoader(
-        AutoImageProcessor.from_pretrained(model_dir),
-        ImageMode.from_config(model.config),
-        image_folder=image_folder,
-    )
+    loaded = load_model(model_dir, template="vicuna_v1")
+    images = loaded.images(image_folder)  # pad, resize or slice, as the model config says
+    settings = GenerationSettings(max_new_tokens=6)
     answers: list[str] = []
     for start in range(0, len(questions), batch_size):
         chunk = questions[start : start + batch_size]
         visuals = [images(q["image"]) for q in chunk]
         prompts = [
-            tokenize_prompt(
-                [Turn("system", synthetic.SYSTEM), Turn("user", "<image>\n" + q["text"])],
-                template,
-                tokenizer,
-                image_token_id=model.config.image_token_id,
-                image_expansions=[visual.token_ids],
+            loaded.prompt_ids(
+                [Turn("system", synthetic.SYSTEM), Turn("user", "<image>\n" + q["text"])], [visual]
             )
             for q, visual in zip(chunk, visuals, strict=True)
         ]
-        width = max(map(len, prompts))
-        input_ids = torch.tensor([[tokenizer.pad_token_id or 0] * (width - len(p)) + p for p in prompts])
-        attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-        pixel_values = torch.cat([visual.pixel_values for visual in visuals])
-        with torch.no_grad():
-            output = model.generate(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                pixel_values=pixel_values,
-                max_new_tokens=6,
-                do_sample=False,
-                pad_token_id=tokenizer.pad_token_id or 0,
-            )
-        answers.extend(tokenizer.decode(row[width:], skip_special_tokens=True).strip() for row in output)
+        answers.extend(
+            text.strip() for text in generate(loaded, prompts, [v.pixel_values for v in visuals], settings)
+        )
     return answers
 
 

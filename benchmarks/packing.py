@@ -2,7 +2,10 @@
 
 Same model, same initial weights, same optimizer, and the same batches (formed by LLaVA's
 length-and-modality grouped sampler over a mix665k-like length distribution: about a third
-text-only, long-tailed lengths); only the layout differs. Reports real (non-pad) tokens/s,
+text-only, long-tailed lengths); only the layout and the attention backend differ: padded
+batches with SDPA (the baseline), a packed row with SDPA and its dense block-diagonal mask,
+and a packed row with ``sdpa_varlen`` (one causal SDPA call per sample; what training uses
+without flash-attn). Reports real (non-pad) tokens/s,
 the share of computed positions that are padding, per-step loss agreement, and peak GPU
 memory when run on CUDA.
 
@@ -28,6 +31,8 @@ from tokenpacker_llava.data.sampler import ModalityLengthGroupedSampler
 
 VOCAB = 1000
 IMAGE_TOKEN = VOCAB  # outside the table: placeholders are never looked up
+BASELINE = "padded + grouped (LLaVA), sdpa"
+PACKED = "packed, sdpa_varlen (default)"
 
 
 def build_model(hidden: int, layers: int, vocab: int, seed: int) -> TokenPackerLlavaForConditionalGeneration:
@@ -49,7 +54,6 @@ def build_model(hidden: int, layers: int, vocab: int, seed: int) -> TokenPackerL
         max_position_embeddings=4096,
     )
     config = TokenPackerLlavaConfig(vision_config=vision, text_config=text, image_token_id=IMAGE_TOKEN)
-    config._attn_implementation = "sdpa"
     return TokenPackerLlavaForConditionalGeneration(config)
 
 
@@ -138,25 +142,29 @@ def main(argv: list[str] | None = None) -> dict:
     order = list(sampler)[: steps * args.batch]
     batches = [[samples[i] for i in order[k : k + args.batch]] for k in range(0, len(order), args.batch)]
     results = {}
-    for name, collate in (
-        ("padded + grouped (LLaVA)", PaddedCollator(pad_token_id=0)),
-        ("packed (padding-free)", PackedCollator()),
+    for name, collate, attention in (
+        (BASELINE, PaddedCollator(pad_token_id=0), "sdpa"),
+        ("packed, sdpa (block mask)", PackedCollator(), "sdpa"),
+        (PACKED, PackedCollator(), "sdpa_varlen"),
     ):
-        results[name] = run(copy.deepcopy(model), batches, collate, args.device)
-    base_seconds, base_real = results["padded + grouped (LLaVA)"][:2]
+        candidate = copy.deepcopy(model)
+        candidate.set_attn_implementation(attention)
+        results[name] = run(candidate, batches, collate, args.device)
+    base_seconds, base_real = results[BASELINE][:2]
     print(
         f"training steps, {args.device}, LLM hidden {hidden} x {layers} layers, batch {args.batch} samples, "
         f"{len(batches) - 1} timed steps, {model.num_image_tokens} visual tokens/image, batches grouped as on "
         f"{args.group_world_size} ranks, torch threads {torch.get_num_threads()}"
     )
-    print(f"{'layout':<26} {'tokens/s':>10} {'padding':>8} {'speedup':>8} {'peak GiB':>9}")
+    print(f"{'layout, attention':<34} {'tokens/s':>10} {'padding':>8} {'speedup':>8} {'peak GiB':>9}")
     for name, (seconds, real, computed, _, peak) in results.items():
         speedup = (real / seconds) / (base_real / base_seconds)
-        print(f"{name:<26} {real / seconds:>10.0f} {1 - real / computed:>7.1%} {speedup:>7.2f}x {peak:>9.2f}")
-    padded_losses = results["padded + grouped (LLaVA)"][3]
-    packed_losses = results["packed (padding-free)"][3]
-    difference = max(abs(a - b) for a, b in zip(padded_losses, packed_losses, strict=True))
-    print(f"max per-step loss difference: {difference:.2e} over {len(padded_losses)} steps")
+        print(f"{name:<34} {real / seconds:>10.0f} {1 - real / computed:>7.1%} {speedup:>7.2f}x {peak:>9.2f}")
+    padded_losses = results[BASELINE][3]
+    difference = max(
+        abs(a - b) for name, result in results.items() for a, b in zip(padded_losses, result[3], strict=True)
+    )
+    print(f"max per-step loss difference to the baseline: {difference:.2e} over {len(padded_losses)} steps")
     return {"results": results, "loss_difference": difference}
 
 

@@ -1,9 +1,13 @@
 """Projector forward+backward throughput: this TokenPacker vs a reference-style formulation.
 
 The reference code groups keys and values into regions with several permute/reshape copies
-and calls ``nn.MultiheadAttention`` (which also computes the attention weights it then
-throws away). Both formulations get the same weights and inputs; the table reports time per
-forward+backward, tokens/s, the speedup, and the largest output difference.
+and calls ``nn.MultiheadAttention`` (which projects every key and value, and also computes the
+attention weights it then throws away). Ours moves the key/value projections onto the one
+query of each region (``RegionAttention``). Both get the same weights and inputs; the table
+reports time per forward+backward, images/s, the speedup, the FLOPs each formulation executes
+(counted by ``torch.utils.flop_counter``), the rate it reaches, and that rate as a share of a
+plain matmul's rate measured on the same device and dtype. The largest output difference shows
+they compute the same function.
 
     python benchmarks/projector.py              # CLIP-L/336 widths, H=4096, batch 4 (CPU fp32)
     python benchmarks/projector.py --quick      # small widths, seconds (run by the tests)
@@ -19,8 +23,12 @@ import time
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from tokenpacker_llava.models.projectors import build_projector
+
+REFERENCE = "reference-style (MHA + reshapes)"
+OURS = "tokenpacker_llava (projections absorbed)"
 
 
 class ReferenceStyleTokenPacker(nn.Module):
@@ -81,6 +89,30 @@ def time_fwd_bwd(
     return times[1:]
 
 
+def count_flops(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> int:
+    """FLOPs of one forward+backward, as torch's flop counter sees them (matmuls and attention)."""
+    with FlopCounterMode(display=False) as counter:
+        module(*inputs).float().square().mean().backward()
+    module.zero_grad(set_to_none=True)
+    return counter.get_total_flops()
+
+
+def matmul_rate(size: int, repeats: int, device: str, dtype: torch.dtype) -> float:
+    """FLOP/s of a square ``size`` matmul: the device's practical GEMM peak for the comparison."""
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    times = []
+    for _ in range(repeats + 1):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        a @ b
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return 2 * size**3 / statistics.median(times[1:])
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
@@ -92,7 +124,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     dim, kv_dim, out_dim, grid = (1024, 4096, 4096, 24) if not args.quick else (128, 512, 256, 24)
     batch = args.batch if not args.quick else 2
-    repeats = args.repeats if not args.quick else 2
+    repeats = args.repeats if not args.quick else 20  # tiny iterations: more of them, less noise
     dtype = getattr(torch, args.dtype)
     torch.manual_seed(0)
     ours = build_projector(
@@ -111,24 +143,29 @@ def main(argv: list[str] | None = None) -> dict:
     x_multi = torch.randn(batch, grid * grid, kv_dim, device=args.device, dtype=dtype)
     with torch.no_grad():
         difference = (ours(x, x_multi).float() - reference(x, x_multi).float()).abs().max().item()
-    rows = {}
-    for name, module in (
-        ("reference-style (MHA + reshapes)", reference),
-        ("tokenpacker_llava (batched SDPA)", ours),
-    ):
-        times = time_fwd_bwd(module, (x, x_multi), repeats, args.device)
-        rows[name] = statistics.median(times)
-    base = rows["reference-style (MHA + reshapes)"]
+    rows, flops = {}, {}
+    for name, module in ((REFERENCE, reference), (OURS, ours)):
+        flops[name] = count_flops(module, (x, x_multi))
+        rows[name] = statistics.median(time_fwd_bwd(module, (x, x_multi), repeats, args.device))
+    peak = matmul_rate(512 if args.quick else 4096, repeats, args.device, dtype)
+    base = rows[REFERENCE]
     print(
         f"TokenPacker fwd+bwd, {args.device} {args.dtype}, batch {batch}, widths {dim}/{kv_dim}->{out_dim}, "
         f"grid {grid}, scale {args.scale} ({(grid // args.scale) ** 2} tokens), median of {repeats}, "
-        f"torch threads {torch.get_num_threads()}"
+        f"torch threads {torch.get_num_threads()}; matmul rate {peak / 1e12:.3f} TFLOP/s"
     )
-    print(f"{'formulation':<36} {'ms/iter':>10} {'images/s':>10} {'speedup':>8}")
+    print(
+        f"{'formulation':<42} {'ms/iter':>9} {'images/s':>9} {'speedup':>8} {'GFLOP':>8} "
+        f"{'TFLOP/s':>8} {'of matmul':>9}"
+    )
     for name, seconds in rows.items():
-        print(f"{name:<36} {1000 * seconds:>10.1f} {batch / seconds:>10.1f} {base / seconds:>7.2f}x")
+        rate = flops[name] / seconds
+        print(
+            f"{name:<42} {1000 * seconds:>9.1f} {batch / seconds:>9.1f} {base / seconds:>7.2f}x "
+            f"{flops[name] / 1e9:>8.1f} {rate / 1e12:>8.3f} {rate / peak:>9.0%}"
+        )
     print(f"max |output difference| {difference:.2e}")
-    return {"rows": rows, "difference": difference}
+    return {"rows": rows, "flops": flops, "matmul_rate": peak, "difference": difference}
 
 
 if __name__ == "__main__":

@@ -244,6 +244,7 @@ tp_training_defaults() {
     NUM_WORKERS=${NUM_WORKERS:-4}
     REPORT_TO=${REPORT_TO:-$(tp_default_report_to)}
     SAVE_TOTAL_LIMIT=${SAVE_TOTAL_LIMIT:-1}
+    PACKING=${PACKING:-True} # padding-free rows (flash-attn varlen, or per-sample SDPA without it)
     RESUME=${RESUME-auto} # empty: start over (no --resume_from_checkpoint)
     RUN_NAME=${RUN_NAME:-$(basename "$OUTPUT_DIR")}
     tp_require_positive GLOBAL_BATCH PER_DEVICE_BATCH
@@ -290,6 +291,7 @@ tp_common_args() {
         --save_steps "$SAVE_STEPS"
         --save_total_limit "$SAVE_TOTAL_LIMIT"
         --model_max_length "$MAX_LENGTH"
+        --packing "$PACKING"
         --gradient_checkpointing True
         --dataloader_num_workers "$NUM_WORKERS"
         --report_to "$REPORT_TO"

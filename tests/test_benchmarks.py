@@ -24,7 +24,8 @@ def test_packing_benchmark_quick(capsys) -> None:
 
     result = packing.main(["--quick"])
     out = capsys.readouterr().out
-    assert "padded + grouped (LLaVA)" in out and "packed (padding-free)" in out
+    assert packing.BASELINE in out and packing.PACKED in out and "block mask" in out
+    assert set(result["results"]) == {packing.BASELINE, "packed, sdpa (block mask)", packing.PACKED}
     assert result["loss_difference"] < 1e-4  # packing is a pure layout change: equal losses
 
 

@@ -2,7 +2,7 @@
 
 The packed layout must be a pure layout change: the same per-sample logits, losses and
 gradients as the padded batch, and no attention across the samples of the packed row (with
-SDPA and with eager attention).
+SDPA and its block mask, with per-sample SDPA (``sdpa_varlen``) and with eager attention).
 """
 
 from __future__ import annotations
@@ -80,14 +80,32 @@ def model() -> TokenPackerLlavaForConditionalGeneration:
 
 
 @pytest.fixture(scope="module")
-def eager_model(tmp_path_factory: pytest.TempPathFactory) -> TokenPackerLlavaForConditionalGeneration:
-    folder: Path = tmp_path_factory.mktemp("eager")
+def saved_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder: Path = tmp_path_factory.mktemp("tiny")
     tiny_model().save_pretrained(folder)
+    return folder
+
+
+def load_with(folder: Path, attention: str) -> TokenPackerLlavaForConditionalGeneration:
     loaded = TokenPackerLlavaForConditionalGeneration.from_pretrained(
-        folder, attn_implementation="eager"
+        folder, attn_implementation=attention
     ).eval()
-    assert loaded.language_model.config._attn_implementation == "eager"
+    assert loaded.language_model.config._attn_implementation == attention
     return loaded
+
+
+@pytest.fixture(scope="module")
+def eager_model(saved_model: Path) -> TokenPackerLlavaForConditionalGeneration:
+    return load_with(saved_model, "eager")
+
+
+@pytest.fixture(scope="module")
+def varlen_model(saved_model: Path) -> TokenPackerLlavaForConditionalGeneration:
+    return load_with(saved_model, "sdpa_varlen")
+
+
+# The fixture of each attention backend (`model` is the default, sdpa).
+BACKENDS = {"sdpa": "model", "eager": "eager_model", "sdpa_varlen": "varlen_model"}
 
 
 @pytest.fixture(scope="module")
@@ -99,10 +117,10 @@ def samples(model: TokenPackerLlavaForConditionalGeneration) -> list[dict]:
 # ---------------------------------------------------------------- packed == padded
 
 
-@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+@pytest.mark.parametrize("attention", BACKENDS)
 @torch.no_grad()
 def test_packed_matches_padded_logits_and_losses(attention, request, samples) -> None:
-    model = request.getfixturevalue("model" if attention == "sdpa" else "eager_model")
+    model = request.getfixturevalue(BACKENDS[attention])
     padded, padded_loss = padded_logits(model, samples)
     packed, packed_loss = packed_logits(model, samples)
     for i, (a, b, sample) in enumerate(zip(padded, packed, samples, strict=True)):
@@ -119,9 +137,10 @@ def test_packed_matches_padded_logits_and_losses(attention, request, samples) ->
     assert abs(float(total / supervised - packed_loss)) < 1e-5
 
 
-def test_packed_gradients_match_padded(samples) -> None:
+@pytest.mark.parametrize("attention", ["sdpa", "sdpa_varlen"])
+def test_packed_gradients_match_padded(attention, saved_model, samples) -> None:
     # eval() only disables dropout (none here anyway); gradients flow as in training.
-    model = tiny_model()
+    model = load_with(saved_model, attention)
     grads = []
     for collator in (PaddedCollator(PAD), PackedCollator()):
         model.zero_grad()
@@ -138,10 +157,10 @@ def test_packed_gradients_match_padded(samples) -> None:
 # ---------------------------------------------------------------- no attention across samples
 
 
-@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+@pytest.mark.parametrize("attention", BACKENDS)
 @torch.no_grad()
 def test_no_attention_across_packed_samples(attention, request, samples) -> None:
-    model = request.getfixturevalue("model" if attention == "sdpa" else "eager_model")
+    model = request.getfixturevalue(BACKENDS[attention])
     before, _ = packed_logits(model, samples)
     changed = [dict(s) for s in samples]
     ids = changed[0]["input_ids"].clone()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from tokenpacker_llava import TokenPackerLlavaForConditionalGeneration
 from tokenpacker_llava.demo import synthetic
 from tokenpacker_llava.demo.run import main
@@ -65,3 +67,29 @@ def test_described_scene_replaces_the_image_by_one_token_per_cell(tmp_path) -> N
         assert ids[start : start + 16] == symbols and image_token_id not in ids
         assert all(label == -100 for label in labels[start : start + 16])
         assert any(label != -100 for label in labels[start + 16 :])
+
+
+def test_described_scene_on_the_patch_grid(tmp_path) -> None:
+    """Side 8 describes the scene per patch (the per-patch MLP's 64 tokens): each position
+    carries the symbol of the cell it lies in, in reading order."""
+    from transformers import AutoTokenizer
+
+    from tokenpacker_llava.demo import parts
+    from tokenpacker_llava.tokenization import ensure_image_token
+
+    conversation = synthetic.described_conversations(1, seed=2)[0]
+    scene = conversation.scene
+    cells, patches = scene.symbols(), scene.symbols(8)
+    assert len(cells) == 16 and len(patches) == 64
+    for row in range(8):
+        for col in range(8):
+            assert patches[row * 8 + col] == cells[(row // 2) * 4 + col // 2]
+    with pytest.raises(ValueError, match="does not tile"):
+        scene.symbols(6)
+    corpus = [text for c in synthetic.described_conversations(20, seed=1) for _, text in c.turns]
+    tokenizer = AutoTokenizer.from_pretrained(parts.train_tokenizer(corpus, tmp_path / "tok", vocab_size=400))
+    image_token_id = ensure_image_token(tokenizer)
+    ids, _ = parts._described_sample(conversation, tokenizer, image_token_id, side=8)
+    symbols = tokenizer.convert_tokens_to_ids(patches)
+    start = ids.index(symbols[0])
+    assert ids[start : start + 64] == symbols and image_token_id not in ids

@@ -184,17 +184,3 @@ def test_pixel_values_are_cast_to_the_tower_dtype() -> None:
     out = model(**batch)
     assert out.logits.dtype == torch.float32 and torch.isfinite(out.logits).all()
     assert batch["pixel_values"].shape[-1] == IMAGE_SIZE
-
-
-def test_attention_resolution_without_flash_attn() -> None:
-    from tokenpacker_llava.models.attention import flash_attention_available, resolve_attn_implementation
-
-    if flash_attention_available():
-        pytest.skip("flash-attn is installed on a CUDA machine here")
-    assert resolve_attn_implementation("auto") == "sdpa"
-    assert resolve_attn_implementation(None) == "sdpa"
-    assert resolve_attn_implementation("eager") == "eager"
-    with pytest.raises(ImportError, match="needs the flash-attn package"):
-        resolve_attn_implementation("flash_attention_2")
-    with pytest.raises(ValueError, match="unknown attention implementation"):
-        resolve_attn_implementation("flash")

@@ -58,10 +58,10 @@ def train_tokenizer(corpus: list[str], folder: Path, vocab_size: int) -> Path:
 
 
 def _described_sample(
-    conversation: DescribedConversation, tokenizer, image_token_id: int
+    conversation: DescribedConversation, tokenizer, image_token_id: int, side: int = GRID
 ) -> tuple[list[int], list[int]]:
-    """Token ids and labels of ``conversation`` rendered by its template, with the 16 image
-    placeholders replaced by the ids of the scene's cell symbols."""
+    """Token ids and labels of ``conversation`` rendered by its template, with the
+    ``side * side`` image placeholders replaced by the ids of the scene's description."""
     template = get_template(conversation.template, tokenizer)
     turns = [Turn(ROLES[speaker], text) for speaker, text in conversation.turns]
     sample = tokenize_conversation(
@@ -69,10 +69,10 @@ def _described_sample(
         template,
         tokenizer,
         image_token_id=image_token_id,
-        tokens_per_image=GRID * GRID,
+        tokens_per_image=side * side,
         max_length=None,
     )
-    cells = tokenizer.convert_tokens_to_ids(conversation.scene.symbols())
+    cells = tokenizer.convert_tokens_to_ids(conversation.scene.symbols(side))
     ids, position = list(sample.input_ids), 0
     for index, token in enumerate(ids):
         if token == image_token_id:
@@ -90,8 +90,14 @@ def pretrain_llm(
     seed: int,
     batch_size: int = 32,
     lr: float = 2e-3,
+    description_sides: tuple[int, ...] = (GRID,),
 ) -> Path:
-    """A tiny Llama trained on ``conversations`` (answers supervised); saved with the tokenizer."""
+    """A tiny Llama trained on ``conversations`` (answers supervised); saved with the tokenizer.
+
+    Conversation ``i`` describes its scene on a ``description_sides[i % len]`` grid, so the
+    LLM knows each visual-token layout it will be given (the 16 tokens of scale-2 projectors,
+    and with side 8 the 64 of a per-patch MLP).
+    """
     torch.manual_seed(seed)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     image_token_id = ensure_image_token(tokenizer)
@@ -108,7 +114,10 @@ def pretrain_llm(
         tie_word_embeddings=False,
     )
     model = LlamaForCausalLM(config)
-    samples = [_described_sample(c, tokenizer, image_token_id) for c in conversations]
+    samples = [
+        _described_sample(c, tokenizer, image_token_id, description_sides[i % len(description_sides)])
+        for i, c in enumerate(conversations)
+    ]
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     rng = random.Random(seed)
     warmup = max(1, steps // 20)

@@ -37,6 +37,8 @@ class DemoSettings:
     llm_hidden: int = 128
     llm_layers: int = 2
     llm_steps: int = 600
+    # Description grids the LLM is pretrained on: 4 = one token per cell (scale-2 projectors).
+    description_sides: tuple[int, ...] = (4,)
     vision_hidden: int = 64
     vision_layers: int = 4
     patch_size: int = 8
@@ -189,6 +191,7 @@ def prepare(output_dir: Path, settings: DemoSettings) -> Prepared:
         layers=settings.llm_layers,
         steps=settings.llm_steps,
         seed=settings.seed,
+        description_sides=settings.description_sides,
     )
     vision = parts.pretrain_vision(
         output_dir / "parts" / "vision",

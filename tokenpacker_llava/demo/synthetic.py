@@ -48,12 +48,22 @@ CELL_SYMBOLS = (EMPTY_CELL, *(cell_symbol(shape, colour) for colour in sorted(CO
 class Scene:
     cells: dict[tuple[int, int], tuple[str, str]]  # (row, column), 1-based -> (shape, colour)
 
-    def symbols(self) -> list[str]:
-        """The 16 cells in reading order, one symbol (one token) each: the scene's description."""
+    def symbols(self, side: int = GRID) -> list[str]:
+        """The scene's description: one symbol (one token) per cell in reading order.
+
+        ``side`` > GRID describes it on a finer ``side x side`` grid in reading order, each
+        position taking the symbol of the cell it lies in: the layout of a projector that keeps
+        one token per patch (side 8: the demo tower's 8 x 8 patches, 4 per cell).
+        """
+        if side % GRID:
+            raise ValueError(f"a description grid of side {side} does not tile the {GRID} x {GRID} cells")
+        per_cell = side // GRID
         return [
-            cell_symbol(*self.cells[row, col]) if (row, col) in self.cells else EMPTY_CELL
-            for row in range(1, GRID + 1)
-            for col in range(1, GRID + 1)
+            cell_symbol(*self.cells[cell])
+            if (cell := (row // per_cell + 1, col // per_cell + 1)) in self.cells
+            else EMPTY_CELL
+            for row in range(side)
+            for col in range(side)
         ]
 
 

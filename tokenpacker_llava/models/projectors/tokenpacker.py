@@ -8,7 +8,8 @@ before the output MLP. Parameter names match the reference checkpoints exactly
 ``mm_projector`` state dict loads strictly.
 
 Unlike the reference, every width, grid, scale and number of feature levels is a parameter,
-and the region attention is one batched SDPA call over all regions of all images.
+and the region attention runs over all regions of all images at once, with the key and value
+projections moved onto the one query of each region (see ``RegionAttention``).
 """
 
 from __future__ import annotations
@@ -23,9 +24,13 @@ from tokenpacker_llava.models.projectors.base import PROJECTORS, Projector, init
 class RegionAttention(nn.Module):
     """Multi-head attention of one query over the keys of its own region, for many regions.
 
-    Same parameters (and so the same state-dict keys) as ``nn.MultiheadAttention`` with
-    ``batch_first`` layout, but computed with ``F.scaled_dot_product_attention`` and
-    without materialising attention weights.
+    Same parameters (and so the same state-dict keys) as ``nn.MultiheadAttention``, and the
+    same function, computed without projecting the keys and values. With one query per region,
+    the key projection can move onto the query: ``q . (W_k x + b_k) = (W_k^T q) . x + q . b_k``,
+    and since a head's attention weights sum to one, the value projection can move after the
+    weighting: ``sum_j p_j (W_v x_j + b_v) = W_v (sum_j p_j x_j) + b_v``. That projects one
+    vector per region and head instead of ``s * s`` keys and ``s * s`` values, so the key and
+    value in-projections cost ``s * s`` times fewer FLOPs (4x at s = 2, 9x at s = 3).
     """
 
     def __init__(self, dim: int, num_heads: int) -> None:
@@ -47,15 +52,21 @@ class RegionAttention(nn.Module):
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
         """``query`` (R, dim); ``key``/``value`` (R, L, dim) for R regions of L tokens -> (R, dim)."""
-        regions, length, _ = key.shape
+        regions = key.shape[0]
         heads, head_dim = self.num_heads, self.dim // self.num_heads
         w_q, w_k, w_v = self.in_proj_weight.chunk(3)
         b_q, b_k, b_v = self.in_proj_bias.chunk(3)
-        q = F.linear(query, w_q, b_q).view(regions, heads, 1, head_dim)
-        k = F.linear(key, w_k, b_k).view(regions, length, heads, head_dim).transpose(1, 2)
-        v = F.linear(value, w_v, b_v).view(regions, length, heads, head_dim).transpose(1, 2)
-        out = F.scaled_dot_product_attention(q, k, v)  # (R, heads, 1, head_dim)
-        return self.out_proj(out.reshape(regions, self.dim))
+        q = F.linear(query, w_q, b_q).view(regions, heads, head_dim) * head_dim**-0.5
+        # (heads, R, head_dim) @ (heads, head_dim, dim): each head's query in key-input space.
+        q_in = torch.bmm(q.transpose(0, 1), w_k.view(heads, head_dim, self.dim)).transpose(0, 1)
+        # q . b_k is the same for every key of a region, so softmax ignores it; it is kept so the
+        # function (and b_k's gradient, zero up to rounding) is exactly the reference's.
+        scores = torch.bmm(q_in, key.transpose(1, 2)) + (q * b_k.view(heads, head_dim)).sum(-1, keepdim=True)
+        weights = scores.float().softmax(-1).to(value.dtype)  # (R, heads, L)
+        mixed = torch.bmm(weights, value)  # (R, heads, dim): each head's weighted mean of the inputs
+        # (heads, R, dim) @ (heads, dim, head_dim): the value projection, once per region and head.
+        out = torch.bmm(mixed.transpose(0, 1), w_v.view(heads, head_dim, self.dim).transpose(1, 2))
+        return self.out_proj(out.transpose(0, 1).reshape(regions, self.dim) + b_v)
 
 
 @PROJECTORS.register("tokenpacker")

@@ -11,7 +11,7 @@ paper's main comparison (TokenPacker at a quarter of the tokens against the full
 the other compressors); 4 tokens (each token must summarize four cells) is a harsher bottleneck
 than the paper's 64.
 
-    python benchmarks/projectors.py                  # 15 configurations x 3 seeds, ~25 min on 2 cores
+    python benchmarks/projectors.py                  # 15 configurations x 3 seeds, ~21 min on 2 cores
     python benchmarks/projectors.py --quick          # seconds; what the test runs
 
 Prints a table (accuracy per question type, mean +- spread over seeds, visual tokens,

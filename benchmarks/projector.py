@@ -78,11 +78,11 @@ def time_fwd_bwd(
 ) -> list[float]:
     times = []
     for _ in range(repeats + 1):  # the first run warms up and is not counted
-        if device == "cuda":
+        if device.startswith("cuda"):
             torch.cuda.synchronize()
         start = time.perf_counter()
         module(*inputs).float().square().mean().backward()
-        if device == "cuda":
+        if device.startswith("cuda"):
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
         module.zero_grad(set_to_none=True)
@@ -103,11 +103,11 @@ def matmul_rate(size: int, repeats: int, device: str, dtype: torch.dtype) -> flo
     b = torch.randn(size, size, device=device, dtype=dtype)
     times = []
     for _ in range(repeats + 1):
-        if device == "cuda":
+        if device.startswith("cuda"):
             torch.cuda.synchronize()
         start = time.perf_counter()
         a @ b
-        if device == "cuda":
+        if device.startswith("cuda"):
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
     return 2 * size**3 / statistics.median(times[1:])

@@ -41,3 +41,34 @@ def test_projector_shootout_quick(tmp_path, capsys) -> None:
     assert all(run["projector_params"] > 0 and 0 <= run["accuracy"]["all"] <= 1 for run in report["runs"])
     png = tmp_path / "accuracy_vs_tokens.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_step_benchmark_quick(capsys) -> None:
+    import math
+
+    import step
+
+    result = step.main(["--quick"])
+    out = capsys.readouterr().out
+    assert "attention sdpa_varlen" in out and "MFU" in out and "TFLOP/step" in out
+    rows = result["rows"]
+    labels = ("mlp2x_gelu", "tokenpacker s2", "tokenpacker s3")
+    assert set(rows) == {(stage, label) for stage in (1, 2) for label in labels}
+    for (stage, label), row in rows.items():
+        assert not row["oom"]
+        assert row["stage"] == stage and row["projector"] == label
+        assert f"{stage:<6} {label:<16} {row['visual_tokens']:>6}" in out  # a printed table row
+        assert row["tokens_per_s"] > 0 and row["model_flops_per_step"] > 0
+        assert isinstance(row["mfu"], float) and math.isfinite(row["mfu"]) and row["mfu"] > 0
+        assert math.isfinite(row["loss"]) and math.isnan(row["peak_gib"])  # no GPU memory on CPU
+    # 6x6 patch grid: every patch (MLP), 2x2 regions, 3x3 regions.
+    assert {label: rows[(2, label)]["visual_tokens"] for label in labels} == {
+        "mlp2x_gelu": 36,
+        "tokenpacker s2": 9,
+        "tokenpacker s3": 4,
+    }
+    for label in labels:
+        stage1, stage2 = rows[(1, label)], rows[(2, label)]
+        assert stage1["visual_tokens"] == stage2["visual_tokens"]
+        assert stage2["model_flops_per_step"] > stage1["model_flops_per_step"]  # + LLM weight gradients
+        assert stage2["trainable_params"] > stage1["trainable_params"]  # stage 1 trains the projector only

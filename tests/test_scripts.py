@@ -129,6 +129,7 @@ def test_bash_syntax(script: str) -> None:
 @pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck is not installed")
 def test_shellcheck() -> None:
     scripts = [str(SCRIPTS / f"{name}.sh") for name in (*STAGES, "launch")]
+    scripts.append(str(ROOT / "benchmarks" / "gpu.sh"))
     result = subprocess.run(
         ["shellcheck", "-x", *scripts], cwd=ROOT, capture_output=True, text=True, timeout=120
     )

@@ -220,3 +220,81 @@ def test_data_show_cli(dataset_dir, tokenizer, tmp_path, capsys) -> None:
     assert len(shown["input_ids"]) == len(shown["labels"]) == shown["num_tokens"]
     code, out = run_cli(capsys, "data", "show", *common, "--index", "0")
     assert code == 0 and "<image x36>" in out and "⟦" in out and "Red.</s>⟧" in out.replace(" </s>", "</s>")
+
+
+@pytest.fixture(scope="module")
+def wide_dataset(tmp_path_factory) -> Path:
+    """One row whose 672 x 336 image slices into a 1 x 2 grid at 336 px views (+ a global view)."""
+    root = tmp_path_factory.mktemp("wide")
+    Image.new("RGB", (672, 336), (10, 200, 10)).save(root / "wide.png")
+    rows = [
+        {"id": "wide", "image": "wide.png", "conversations": qa("What is it?", "A green band.", image=True)}
+    ]
+    (root / "data.json").write_text(json.dumps(rows))
+    return root
+
+
+def test_check_dataset_in_slice_mode_counts_each_image_grid(wide_dataset, tokenizer) -> None:
+    from tokenpacker_llava.data.slicing import layout_length, plan_slices
+
+    plan = plan_slices(336, 672, 9, (336, 336))
+    assert (plan.rows, plan.cols) == (1, 2)
+    sliced_tokens = layout_length(plan.num_tiles, TOKENS_PER_IMAGE)
+    assert sliced_tokens == 3 * (TOKENS_PER_IMAGE + 1)  # two tiles + the global view, one separator each
+    common = dict(
+        tokenizer=tokenizer,
+        template=get_template("vicuna_v1"),
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        tokens_per_image=TOKENS_PER_IMAGE,
+        num_workers=1,
+    )
+    sources = parse_data_path(str(wide_dataset / "data.json"), str(wide_dataset))
+    padded = check_dataset(sources, max_length=None, **common)
+    sliced = check_dataset(sources, max_length=None, patch_num=9, **common)
+    assert sliced.lengths[0] - padded.lengths[0] == sliced_tokens - TOKENS_PER_IMAGE
+    # A budget that fits the padded sample but not the sliced one's image: too long in slice mode.
+    budget = padded.lengths[0] + 10
+    assert check_dataset(sources, max_length=budget, **common).invalid == 0
+    report = check_dataset(sources, max_length=budget, patch_num=9, **common)
+    assert report.problems == {"too_long": 1}
+    assert "per view (slice mode, up to 9 tiles" in sliced.format(None, TOKENS_PER_IMAGE, True, patch_num=9)
+
+
+def test_data_check_and_show_cli_in_slice_mode(wide_dataset, tokenizer, tmp_path, capsys) -> None:
+    from tokenpacker_llava.tokenization import slice_separator_ids
+
+    tokenizer_dir = tmp_path / "tok"
+    tokenizer.save_pretrained(tokenizer_dir)
+    common = [
+        "--data_path",
+        str(wide_dataset / "data.json"),
+        "--image_folder",
+        str(wide_dataset),
+        "--tokenizer",
+        str(tokenizer_dir),
+        "--num_image_tokens",
+        str(TOKENS_PER_IMAGE),
+        "--image_aspect_ratio",
+        "slice",
+    ]
+    code, out = run_cli(capsys, "data", "check", *common, "--num_workers", "1")
+    assert code == 0 and "invalid rows: 0" in out and "per view (slice mode, up to 9 tiles" in out
+    code, out = run_cli(capsys, "data", "show", *common, "--json")
+    shown = json.loads(out)
+    assert code == 0 and shown["slice_grids"] == ["1x2"]
+    image_token_id = tokenizer.convert_tokens_to_ids("<image>")
+    comma, newline = slice_separator_ids(tokenizer)
+    ids = shown["input_ids"]
+    start = ids.index(image_token_id)
+    view = [image_token_id] * TOKENS_PER_IMAGE
+    assert ids[start : start + 3 * (TOKENS_PER_IMAGE + 1)] == view + [comma] + view + [newline] + view + [
+        newline
+    ]
+    code, out = run_cli(capsys, "data", "show", *common)
+    assert (
+        code == 0
+        and "slice grids 1x2 + a global view each" in out
+        and out.count(f"<image x{TOKENS_PER_IMAGE}>") == 3
+    )
+    with pytest.raises(SystemExit):
+        main(["data", "check", *common, "--patch_num", "7"])

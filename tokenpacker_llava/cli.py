@@ -12,6 +12,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from tokenpacker_llava.inference.commands import add_answer, add_chat, add_eval, add_merge_answers, add_score
+from tokenpacker_llava.models.configuration import IMAGE_ASPECT_RATIOS, SLICE_PATCH_NUMS
 
 DTYPES = ("float32", "float16", "bfloat16")
 
@@ -95,7 +96,29 @@ def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
         "--num_image_tokens", type=int, default=144, help="visual tokens per image (default 144)"
     )
     parser.add_argument("--model_max_length", type=int, default=2048)
+    parser.add_argument(
+        "--image_aspect_ratio",
+        choices=IMAGE_ASPECT_RATIOS,
+        default="pad",
+        help="slice: TokenPacker-HD (--num_image_tokens per view, tiles planned from each image's size)",
+    )
+    parser.add_argument(
+        "--patch_num", type=int, choices=SLICE_PATCH_NUMS, default=9, help="slice mode: most tiles"
+    )
+    parser.add_argument("--image_processor", help="image processor folder or hub id (default: CLIP-L/336's)")
     parser.add_argument("--trust_remote_code", action="store_true")
+
+
+def _slice_patch_num(args: argparse.Namespace) -> int | None:
+    return args.patch_num if args.image_aspect_ratio == "slice" else None
+
+
+def _image_processor(args: argparse.Namespace):
+    if not args.image_processor:
+        return None
+    from transformers import AutoImageProcessor
+
+    return AutoImageProcessor.from_pretrained(args.image_processor, trust_remote_code=args.trust_remote_code)
 
 
 def _add_data(subparsers: argparse._SubParsersAction) -> None:
@@ -108,7 +131,6 @@ def _add_data(subparsers: argparse._SubParsersAction) -> None:
         "and prints counts by problem kind, the first rows of each, and token-length statistics.",
     )
     _add_data_arguments(check)
-    check.add_argument("--image_processor", help="image processor folder or hub id (default: CLIP's)")
     check.add_argument("--num_workers", type=int, default=None, help="worker processes (default: all cores)")
     check.add_argument("--max_examples", type=int, default=5, help="rows listed per problem kind")
     check.set_defaults(func=_run_data_check)
@@ -139,11 +161,7 @@ def _run_data_check(args: argparse.Namespace) -> int:
     from tokenpacker_llava.data.sources import parse_data_path
 
     tokenizer, template, image_token_id = _data_tokenizer(args)
-    image_processor = None
-    if args.image_processor:
-        from transformers import AutoImageProcessor
-
-        image_processor = AutoImageProcessor.from_pretrained(args.image_processor)
+    patch_num = _slice_patch_num(args)
     report = check_dataset(
         parse_data_path(args.data_path, args.image_folder),
         tokenizer=tokenizer,
@@ -151,11 +169,19 @@ def _run_data_check(args: argparse.Namespace) -> int:
         image_token_id=image_token_id,
         tokens_per_image=args.num_image_tokens,
         max_length=args.model_max_length,
-        image_processor=image_processor,
+        image_processor=_image_processor(args),
         num_workers=args.num_workers,
         max_examples=args.max_examples,
+        patch_num=patch_num,
     )
-    print(report.format(args.model_max_length, args.num_image_tokens, exact_lengths=tokenizer is not None))
+    print(
+        report.format(
+            args.model_max_length,
+            args.num_image_tokens,
+            exact_lengths=tokenizer is not None,
+            patch_num=patch_num,
+        )
+    )
     return 1 if report.invalid else 0
 
 
@@ -175,6 +201,8 @@ def _run_data_show(args: argparse.Namespace) -> int:
         tokens_per_image=args.num_image_tokens,
         max_length=args.model_max_length,
         as_json=args.json,
+        patch_num=_slice_patch_num(args),
+        image_processor=_image_processor(args),
     )
 
 

@@ -3,6 +3,8 @@
 Each row is parsed, its images are fully decoded, and (with a tokenizer) its conversation
 is tokenized with the expanded visual tokens, so the report shows exactly what training
 would hit: counts by problem kind with the first rows of each, and token-length statistics.
+In slice mode (``patch_num``) each image counts the tokens of its own tile grid, planned from
+its size as training plans it.
 """
 
 from __future__ import annotations
@@ -18,10 +20,11 @@ from multiprocessing import get_context
 from typing import Any
 
 from tqdm.auto import tqdm
-from transformers import CLIPImageProcessor, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
-from tokenpacker_llava.data.images import ImagePreprocessor
+from tokenpacker_llava.data.images import ImagePreprocessor, reference_image_processor
 from tokenpacker_llava.data.records import BadSample, Record, parse_record
+from tokenpacker_llava.data.slicing import layout_length, plan_slices
 from tokenpacker_llava.data.sources import DataSource, MixedRecords
 from tokenpacker_llava.data.templates import ConversationTemplate
 from tokenpacker_llava.data.tokenize import tokenize_conversation
@@ -59,7 +62,9 @@ class CheckReport:
             shown = self.examples.setdefault(kind, [])
             shown.extend(other.examples.get(kind, [])[: self.max_examples - len(shown)])
 
-    def format(self, max_length: int | None, tokens_per_image: int, exact_lengths: bool) -> str:
+    def format(
+        self, max_length: int | None, tokens_per_image: int, exact_lengths: bool, patch_num: int | None = None
+    ) -> str:
         lines = [f"rows: {self.rows}  images decoded: {self.images}  invalid rows: {self.invalid}"]
         if self.problems:
             lines.append("problems by kind:")
@@ -69,7 +74,12 @@ class CheckReport:
         if self.lengths:
             what = "tokens" if exact_lengths else "words (no --tokenizer given; estimate)"
             stats = length_stats(self.lengths)
-            lines.append(f"length in {what}, with {tokens_per_image} visual tokens per image:")
+            per_image = (
+                f"{tokens_per_image} visual tokens per view (slice mode, up to {patch_num} tiles + a global view)"
+                if patch_num
+                else f"{tokens_per_image} visual tokens per image"
+            )
+            lines.append(f"length in {what}, with {per_image}:")
             lines.append("  " + "  ".join(f"{name} {value:g}" for name, value in stats.items()))
             if max_length is not None and exact_lengths:
                 # Rows that cannot fit at all are invalid (too_long, listed above) and have no length here.
@@ -108,6 +118,7 @@ class RowChecker:
     max_length: int | None
     image_processor: Any
     max_examples: int = 5
+    patch_num: int | None = None  # slice mode: the most tiles per image; None: one view per image
 
     def check_range(self, start: int, stop: int) -> CheckReport:
         report = CheckReport(max_examples=self.max_examples)
@@ -121,25 +132,37 @@ class RowChecker:
                     preprocessors[source.image_folder] = ImagePreprocessor(
                         self.image_processor, image_folder=source.image_folder
                     )
+                preprocessor = preprocessors[source.image_folder]
+                image_tokens = []
                 for path in record.images:
                     try:
-                        preprocessors[source.image_folder].open(path)
+                        width, height = preprocessor.open(path).size
                     except BadSample as error:
                         raise error.at(record.row, record.id) from None
                     report.images += 1
-                length, shortened = self.length(record)
+                    image_tokens.append(self.image_tokens(height, width, preprocessor.size))
+                length, shortened = self.length(record, image_tokens)
                 report.lengths.append(length)
                 report.shortened += shortened
             except BadSample as error:
                 report.add_problem(error)
         return report
 
-    def length(self, record: Record) -> tuple[int, bool]:
+    def image_tokens(self, height: int, width: int, tile_hw: tuple[int, int]) -> int:
+        """The tokens one image of this size expands to (separators of a slice layout included)."""
+        if self.patch_num is None:
+            return self.tokens_per_image
+        plan = plan_slices(height, width, self.patch_num, tile_hw)
+        return layout_length(plan.num_tiles, self.tokens_per_image)
+
+    def length(self, record: Record, image_tokens: Sequence[int]) -> tuple[int, bool]:
         """(length with visual tokens before truncation, whether truncation is needed and works)."""
         if self.tokenizer is None or self.template is None:
             words = sum(len(turn.text.split()) for turn in record.turns)
-            return words + len(record.images) * self.tokens_per_image, False
-        tokenize = dict(image_token_id=self.image_token_id, tokens_per_image=self.tokens_per_image)
+            return words + sum(image_tokens), False
+        # Placeholders stand in for a slice layout's separators: only the count matters here.
+        expansions = [[self.image_token_id] * count for count in image_tokens]
+        tokenize = dict(image_token_id=self.image_token_id, image_expansions=expansions)
         try:
             full = tokenize_conversation(
                 record.turns, self.template, self.tokenizer, max_length=None, **tokenize
@@ -169,8 +192,13 @@ def check_dataset(
     image_processor: Any = None,
     num_workers: int | None = None,
     max_examples: int = 5,
+    patch_num: int | None = None,
 ) -> CheckReport:
-    """Check every row of ``sources`` (each once, whatever its weight)."""
+    """Check every row of ``sources`` (each once, whatever its weight).
+
+    ``patch_num`` checks for slice mode (TokenPacker-HD): every image is planned into tiles
+    and counts ``tokens_per_image`` (+1 separator) per view.
+    """
     once = [DataSource(s.path, 1.0, s.image_folder, s.split) for s in sources]
     checker = RowChecker(
         records=MixedRecords(once),
@@ -179,8 +207,9 @@ def check_dataset(
         image_token_id=image_token_id,
         tokens_per_image=tokens_per_image,
         max_length=max_length,
-        image_processor=image_processor if image_processor is not None else CLIPImageProcessor(),
+        image_processor=image_processor if image_processor is not None else reference_image_processor(),
         max_examples=max_examples,
+        patch_num=patch_num,
     )
     total = len(checker.records)
     workers = max(1, min(num_workers or os.cpu_count() or 1, total // 64 or 1))

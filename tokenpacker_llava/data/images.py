@@ -60,6 +60,14 @@ _DECODE_ERRORS = (
 # --------------------------------------------------------------------------------------------
 
 
+def reference_image_processor() -> Any:
+    """CLIP ViT-L/14-336's preprocessing (TokenPacker's tower: 336 px views), for the data tools
+    that run without a model; ``CLIPImageProcessor()``'s own defaults are 224 px."""
+    from transformers import CLIPImageProcessor
+
+    return CLIPImageProcessor(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336})
+
+
 def to_rgb(image: Image.Image) -> Image.Image:
     """Return ``image`` as an 8-bit RGB image, whatever its PIL mode.
 

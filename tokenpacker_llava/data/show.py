@@ -5,13 +5,17 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
-from tokenpacker_llava.data.records import parse_record
+from tokenpacker_llava.data.images import ImagePreprocessor, reference_image_processor
+from tokenpacker_llava.data.records import BadSample, parse_record
+from tokenpacker_llava.data.slicing import plan_slices, slice_layout
 from tokenpacker_llava.data.sources import MixedRecords, parse_data_path
 from tokenpacker_llava.data.templates import ConversationTemplate
 from tokenpacker_llava.data.tokenize import tokenize_conversation
+from tokenpacker_llava.tokenization import slice_separator_ids
 
 IGNORE_INDEX = -100
 
@@ -39,19 +43,49 @@ def show_sample(
     tokens_per_image: int,
     max_length: int | None,
     as_json: bool = False,
+    patch_num: int | None = None,
+    image_processor: Any = None,
 ) -> int:
+    """Print sample ``index``. ``patch_num`` renders slice mode (TokenPacker-HD): each image
+    becomes its own tile grid + global view with the real ',' / newline separator tokens, planned
+    from its size and ``image_processor``'s view size (default: CLIP-L/336's 336 px)."""
     records = MixedRecords(parse_data_path(list(data_path), image_folder))
     if not 0 <= index < len(records):
         raise SystemExit(f"--index {index} is out of range: the data has {len(records)} samples")
     source, row, raw = records[index]
     record = parse_record(raw, row=row, source=source.path)
+    expansion: dict[str, Any] = {"tokens_per_image": tokens_per_image}
+    grids = []
+    if patch_num is not None:
+        images = ImagePreprocessor(
+            image_processor or reference_image_processor(), image_folder=source.image_folder
+        )
+        separators = slice_separator_ids(tokenizer)
+        layouts = []
+        for path in record.images:
+            try:
+                width, height = images.image_size(path)
+            except BadSample as error:
+                raise error.at(record.row, record.id) from None
+            plan = plan_slices(height, width, patch_num, images.size)
+            grids.append(f"{plan.rows}x{plan.cols}")
+            layouts.append(
+                slice_layout(
+                    plan.rows,
+                    plan.cols,
+                    image_token_id=image_token_id,
+                    tokens_per_view=tokens_per_image,
+                    separator_ids=separators,
+                )
+            )
+        expansion = {"image_expansions": layouts}
     sample = tokenize_conversation(
         record.turns,
         template,
         tokenizer,
         image_token_id=image_token_id,
-        tokens_per_image=tokens_per_image,
         max_length=max_length,
+        **expansion,
     )
     parts = runs(sample.input_ids, sample.labels, image_token_id)
     supervised = [tokenizer.decode(tokens) for kind, tokens in parts if kind == "supervised"]
@@ -65,6 +99,7 @@ def show_sample(
                 "num_tokens": len(sample.input_ids),
                 "num_supervised": sum(label != IGNORE_INDEX for label in sample.labels),
                 "num_images": sample.num_images,
+                "slice_grids": grids,
                 "dropped_turns": sample.dropped_turns,
                 "truncated_answer": sample.truncated_answer,
                 "input_ids": sample.input_ids,
@@ -90,6 +125,7 @@ def show_sample(
     print(
         f"{len(sample.input_ids)} tokens, {sum(label != IGNORE_INDEX for label in sample.labels)} supervised "
         f"(marked {start}like this{end}), {sample.num_images} image(s) x {tokens_per_image} tokens"
+        + (f" per view (slice grids {', '.join(grids)} + a global view each)" if grids else "")
     )
     if sample.dropped_turns or sample.truncated_answer:
         print(f"shortened to {max_length} tokens: dropped {sample.dropped_turns} turn pair(s)")

@@ -170,3 +170,25 @@ def test_plain_ddp_stage2(parts, zero2_stage1, tmp_path) -> None:
     losses = logged_losses(output / "checkpoint-4")
     assert len(losses) == 4 and all(torch.isfinite(torch.tensor(losses)))
     assert TokenPackerLlavaForConditionalGeneration.from_pretrained(output).config.num_image_tokens == 36
+
+
+def test_zero3_offload_matches_zero3(parts, zero2_stage1, zero3_stage2, tmp_path) -> None:
+    # The shipped offload config: parameters and Adam states on the CPU (DeepSpeedCPUAdam,
+    # compiled once into .cache). Same data, init and schedule as the ZeRO-3 run: same losses.
+    output = tmp_path / "offload"
+    torchrun(
+        stage2_args(
+            parts,
+            output,
+            zero2_stage1 / "projector.safetensors",
+            "--deepspeed",
+            "configs/zero3_offload.json",
+        )
+    )
+    expected = logged_losses(zero3_stage2 / "checkpoint-4")
+    assert logged_losses(output / "checkpoint-4") == pytest.approx(expected, rel=1e-4, abs=1e-5)
+    model, info = TokenPackerLlavaForConditionalGeneration.from_pretrained(output, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    reference = load_file(zero3_stage2 / "projector.safetensors")
+    for key, value in load_file(output / "projector.safetensors").items():
+        torch.testing.assert_close(value, reference[key], rtol=1e-3, atol=1e-5, msg=key)

@@ -145,3 +145,14 @@ def test_everything_else_is_plain_sdpa() -> None:
     )
     reference, _ = sdpa_attention_forward(decoder, q2, k2, v2, mask)
     torch.testing.assert_close(out, reference, atol=0, rtol=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_varlen_in_bf16_on_cuda_equals_block_masked_sdpa() -> None:
+    module = SelfAttention()
+    q, k, v, position_ids = (t.cuda() for t in qkv(LENGTHS, dim=64))
+    q, k, v = (t.bfloat16() for t in (q, k, v))
+    mask = block_causal_mask(LENGTHS).cuda()
+    out, _ = sdpa_varlen_attention_forward(module, q, k, v, mask, position_ids=position_ids)
+    reference, _ = sdpa_attention_forward(module, q, k, v, mask, position_ids=position_ids)
+    torch.testing.assert_close(out.float(), reference.float(), atol=2e-2, rtol=0)

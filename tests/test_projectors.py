@@ -222,3 +222,22 @@ def test_bf16_forward_keeps_dtype() -> None:
 def test_every_registered_projector_is_a_projector() -> None:
     for name in PROJECTORS.names():
         assert issubclass(PROJECTORS.get(name), Projector)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_tokenpacker_in_bf16_on_cuda_follows_the_fp32_loop() -> None:
+    # bf16 numerics of the absorbed region attention (fp32 softmax) against the reference's
+    # per-region formulation in fp32, at CLIP-L widths.
+    torch.manual_seed(0)
+    dim, kv_dim, out_dim, grid = 1024, 4096, 1024, 24
+    projector = build_projector(
+        "tokenpacker", in_dim=dim, multi_level_dim=kv_dim, out_dim=out_dim, grid_size=grid, scale_factor=2
+    )
+    loop = LoopTokenPacker(dim, kv_dim, out_dim, grid, 2, 8)
+    loop.load_state_dict(projector.state_dict(), strict=True)
+    x, x_multi = torch.randn(2, grid * grid, dim), torch.randn(2, grid * grid, kv_dim)
+    with torch.no_grad():
+        expected = loop(x, x_multi)
+        actual = projector.cuda().bfloat16()(x.cuda().bfloat16(), x_multi.cuda().bfloat16()).float().cpu()
+    scale = expected.abs().mean().item()
+    assert (actual - expected).abs().mean().item() < 0.02 * scale

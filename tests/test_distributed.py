@@ -192,3 +192,53 @@ def test_zero3_offload_matches_zero3(parts, zero2_stage1, zero3_stage2, tmp_path
     reference = load_file(zero3_stage2 / "projector.safetensors")
     for key, value in load_file(output / "projector.safetensors").items():
         torch.testing.assert_close(value, reference[key], rtol=1e-3, atol=1e-5, msg=key)
+
+
+def test_pretrain_script_under_the_deepspeed_launcher(parts, tmp_path) -> None:
+    # The cluster path end to end: scripts/pretrain.sh -> `deepspeed` launcher (2 local
+    # processes) -> ZeRO-2 from configs/zero2.json, with the recipe's GPU flags switched off.
+    output = tmp_path / "ds_launcher"
+    env = {
+        **os.environ,
+        "LAUNCHER": "deepspeed",
+        "GPUS_PER_NODE": "2",
+        "NNODES": "1",
+        "MASTER_PORT": str(free_port()),
+        "PYTHON": sys.executable,
+        "LLM": str(parts["llm"]),
+        "VISION_TOWER": str(parts["vision"]),
+        "DATA_PATH": str(parts["captions"]),
+        "IMAGE_FOLDER": str(parts["images"]),
+        "OUTPUT_DIR": str(output),
+        "PER_DEVICE_BATCH": "2",
+        "GLOBAL_BATCH": "4",
+        "MAX_LENGTH": "128",
+        "NUM_WORKERS": "0",
+        "REPORT_TO": "none",
+        "RESUME": "",
+        "DS_ACCELERATOR": "cpu",
+        "TORCH_EXTENSIONS_DIR": str(ROOT / ".cache" / "torch_extensions"),
+        "OMP_NUM_THREADS": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+    cpu = ["--bf16", "False", "--tf32", "False", "--use_cpu", "True", "--gradient_checkpointing", "False"]
+    command = [
+        "bash",
+        "scripts/pretrain.sh",
+        *cpu,
+        "--max_steps",
+        "2",
+        "--save_strategy",
+        "no",
+        "--seed",
+        "1",
+    ]
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, (result.stdout[-3000:], result.stderr[-5000:])
+    logs = result.stdout + result.stderr
+    assert "deepspeed.launcher.runner" in logs and "--deepspeed configs/zero2.json" in logs
+    assert "dist_world_size=2" in logs and logs.count("exits successfully") == 2  # both ranks ran
+    projector = load_file(output / "projector.safetensors")
+    assert "clip_attn.in_proj_weight" in projector and all(
+        torch.isfinite(t).all() for t in projector.values()
+    )

@@ -52,12 +52,17 @@ DEFAULT_CONFIGS = (("mlp2x_gelu", 1), *((name, s) for s in (2, 4) for name in CO
 class ShootoutSettings:
     seeds: tuple[int, ...] = (0, 1, 2)
     configs: tuple[tuple[str, int], ...] = DEFAULT_CONFIGS
-    # Smaller than the demo's budget, so that differences are not hidden by a ceiling. The LLM
-    # learns scene descriptions in both layouts it will see read (16 tokens, one per cell, and
-    # the MLP's 64, one per patch), so that neither is favoured by the LLM's pretraining.
+    # Smaller than the demo's budget, so that differences are not hidden by a ceiling. Neither
+    # token budget is favoured by the parts: the LLM learns scene descriptions in both layouts
+    # (16 tokens, one per cell, and the MLP's 64, one per patch), and the tower is pretrained so
+    # that every patch, not only each cell's mean, tells what its cell holds.
     demo: DemoSettings = field(
         default_factory=lambda: DemoSettings(
-            train_images=1500, eval_questions=300, stage2_epochs=2.0, description_sides=(4, 8)
+            train_images=1500,
+            eval_questions=300,
+            stage2_epochs=2.0,
+            description_sides=(4, 8),
+            vision_probe="patch",
         )
     )
 
@@ -66,7 +71,7 @@ class ShootoutSettings:
         return cls(
             seeds=(0,),
             configs=(("mlp2x_gelu", 1), ("tokenpacker", 2)),
-            demo=replace(DemoSettings.quick(), description_sides=(4, 8)),
+            demo=replace(DemoSettings.quick(), description_sides=(4, 8), vision_probe="patch"),
         )
 
 

@@ -93,3 +93,15 @@ def test_described_scene_on_the_patch_grid(tmp_path) -> None:
     symbols = tokenizer.convert_tokens_to_ids(patches)
     start = ids.index(symbols[0])
     assert ids[start : start + 64] == symbols and image_token_id not in ids
+
+
+def test_vision_probe_positions() -> None:
+    from tokenpacker_llava.demo import parts
+
+    assert parts.CellProbe(8, "cell").positions(8).tolist() == list(range(16))
+    per_patch = parts.CellProbe(8, "patch").positions(8).view(8, 8)
+    for row in range(8):
+        for col in range(8):
+            assert per_patch[row, col] == (row // 2) * 4 + col // 2
+    with pytest.raises(ValueError, match="unknown vision probe"):
+        parts.CellProbe(8, "pixel")

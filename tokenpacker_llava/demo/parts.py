@@ -142,19 +142,40 @@ def pretrain_llm(
     return folder
 
 
-class CellProbe(nn.Module):
-    """Linear read-out of each grid cell's colour and shape from pooled patch features."""
+VISION_PROBES = ("cell", "patch")
 
-    def __init__(self, width: int) -> None:
+
+class CellProbe(nn.Module):
+    """Linear read-out of grid cells' colour and shape from the tower's patch features.
+
+    ``cell``: one read-out per cell, from the mean of the cell's patches (a single patch need
+    not say what its cell holds). ``patch``: one read-out per patch, of the cell it lies in, so
+    every patch feature must carry its cell's content (what a per-patch projector needs).
+    """
+
+    def __init__(self, width: int, kind: str = "cell") -> None:
         super().__init__()
+        if kind not in VISION_PROBES:
+            raise ValueError(f"unknown vision probe {kind!r}; choose from {VISION_PROBES}")
+        self.kind = kind
         self.colour = nn.Linear(width, len(COLOURS) + 1)
         self.shape = nn.Linear(width, len(SHAPES) + 1)
 
     def forward(self, patches: torch.Tensor, patches_per_side: int) -> tuple[torch.Tensor, torch.Tensor]:
-        batch, _, width = patches.shape
-        grid = patches.transpose(1, 2).reshape(batch, width, patches_per_side, patches_per_side)
-        cells = F.adaptive_avg_pool2d(grid, GRID).flatten(2).transpose(1, 2)  # (B, 16, width)
-        return self.colour(cells), self.shape(cells)
+        """Logits (B, positions, classes): 16 cells, or every patch in reading order."""
+        if self.kind == "cell":
+            batch, _, width = patches.shape
+            grid = patches.transpose(1, 2).reshape(batch, width, patches_per_side, patches_per_side)
+            patches = F.adaptive_avg_pool2d(grid, GRID).flatten(2).transpose(1, 2)  # (B, 16, width)
+        return self.colour(patches), self.shape(patches)
+
+    def positions(self, patches_per_side: int) -> torch.Tensor:
+        """The cell (0..15) behind each read-out position."""
+        if self.kind == "cell":
+            return torch.arange(GRID * GRID)
+        per_cell = patches_per_side // GRID
+        rows = torch.arange(patches_per_side) // per_cell
+        return (rows[:, None] * GRID + rows[None, :]).flatten()
 
 
 def _cell_targets(scene) -> tuple[list[int], list[int]]:
@@ -167,8 +188,11 @@ def _cell_targets(scene) -> tuple[list[int], list[int]]:
     return colours, shapes
 
 
-def pretrain_vision(folder: Path, *, hidden: int, layers: int, patch: int, steps: int, seed: int) -> Path:
-    """A tiny CLIP vision tower whose query layer (-2) linearly encodes every cell's content."""
+def pretrain_vision(
+    folder: Path, *, hidden: int, layers: int, patch: int, steps: int, seed: int, probe: str = "cell"
+) -> Path:
+    """A tiny CLIP vision tower whose query layer (-2) linearly encodes every cell's content
+    (read from each cell's mean patch, or with ``probe="patch"`` from every patch)."""
     torch.manual_seed(seed)
     rng = random.Random(f"{seed}-vision")
     config = CLIPVisionConfig(
@@ -181,21 +205,22 @@ def pretrain_vision(folder: Path, *, hidden: int, layers: int, patch: int, steps
     )
     model = CLIPVisionModel(config)
     processor = CLIPImageProcessor(size={"shortest_edge": IMAGE_SIZE}, crop_size=IMAGE_SIZE)
-    probe = CellProbe(hidden)
-    parameters = list(model.parameters()) + list(probe.parameters())
+    side = IMAGE_SIZE // patch
+    reader = CellProbe(hidden, probe)
+    cells = reader.positions(side)
+    parameters = list(model.parameters()) + list(reader.parameters())
     optimizer = torch.optim.AdamW(parameters, lr=2e-3, weight_decay=0.0)
     mean = torch.tensor(processor.image_mean).view(3, 1, 1)
     std = torch.tensor(processor.image_std).view(3, 1, 1)
-    side = IMAGE_SIZE // patch
     for step in tqdm(range(steps), desc="pretraining the tiny vision tower", unit="step"):
         scenes = [random_scene(rng) for _ in range(32)]
         pixels = torch.stack([(to_tensor(render(scene, rng)) - mean) / std for scene in scenes])
         targets = [_cell_targets(s) for s in scenes]
-        colour_target = torch.tensor([t[0] for t in targets])
-        shape_target = torch.tensor([t[1] for t in targets])
+        colour_target = torch.tensor([t[0] for t in targets])[:, cells]
+        shape_target = torch.tensor([t[1] for t in targets])[:, cells]
         hidden_states = model(pixels, output_hidden_states=True).hidden_states
         patches = hidden_states[-2][:, 1:]  # the query layer TokenPacker reads, CLS dropped
-        colour_logits, shape_logits = probe(patches, side)
+        colour_logits, shape_logits = reader(patches, side)
         loss = F.cross_entropy(colour_logits.flatten(0, 1), colour_target.flatten()) + F.cross_entropy(
             shape_logits.flatten(0, 1), shape_target.flatten()
         )

@@ -43,6 +43,7 @@ class DemoSettings:
     vision_layers: int = 4
     patch_size: int = 8
     vision_steps: int = 300
+    vision_probe: str = "cell"  # what the tower is pretrained to expose: see parts.CellProbe
     stage1_epochs: float = 1.0
     stage2_epochs: float = 3.0
     batch_size: int = 16
@@ -200,6 +201,7 @@ def prepare(output_dir: Path, settings: DemoSettings) -> Prepared:
         patch=settings.patch_size,
         steps=settings.vision_steps,
         seed=settings.seed,
+        probe=settings.vision_probe,
     )
     return Prepared(data=data, llm=llm, vision=vision)
 

@@ -52,17 +52,13 @@ DEFAULT_CONFIGS = (("mlp2x_gelu", 1), *((name, s) for s in (2, 4) for name in CO
 class ShootoutSettings:
     seeds: tuple[int, ...] = (0, 1, 2)
     configs: tuple[tuple[str, int], ...] = DEFAULT_CONFIGS
-    # Smaller than the demo's budget, so that differences are not hidden by a ceiling. Neither
-    # token budget is favoured by the parts: the LLM learns scene descriptions in both layouts
-    # (16 tokens, one per cell, and the MLP's 64, one per patch), and the tower is pretrained so
-    # that every patch, not only each cell's mean, tells what its cell holds.
+    # Smaller than the demo's budget, so that differences are not hidden by a ceiling. The LLM
+    # learns scene descriptions in both layouts it will read (16 tokens, one per cell, and the
+    # MLP's 64, one per patch). The tower keeps the demo's cell probe: a per-patch probe
+    # (`vision_probe="patch"`) lowered every projector (README, "Projector shoot-out").
     demo: DemoSettings = field(
         default_factory=lambda: DemoSettings(
-            train_images=1500,
-            eval_questions=300,
-            stage2_epochs=2.0,
-            description_sides=(4, 8),
-            vision_probe="patch",
+            train_images=1500, eval_questions=300, stage2_epochs=2.0, description_sides=(4, 8)
         )
     )
 

@@ -7,7 +7,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 out=${1:-outputs/gpu-benchmarks}
 mkdir -p "$out"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
-python=${PYTHON:-python}
+python=${PYTHON:-$(command -v python || command -v python3)}
 
 run() { # NAME ARGS...: one benchmark, its table kept in OUTPUT_DIR/NAME.txt
     local name=$1

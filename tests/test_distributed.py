@@ -79,9 +79,16 @@ def zero2_stage1(parts, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def zero3_stage2(parts, zero2_stage1, tmp_path_factory) -> Path:
     output = tmp_path_factory.mktemp("z3_stage2")
+    # Packed rows, as the stage scripts train by default.
     torchrun(
         stage2_args(
-            parts, output, zero2_stage1 / "projector.safetensors", "--deepspeed", "configs/zero3.json"
+            parts,
+            output,
+            zero2_stage1 / "projector.safetensors",
+            "--deepspeed",
+            "configs/zero3.json",
+            "--packing",
+            "True",
         )
     )
     return output
@@ -183,6 +190,8 @@ def test_zero3_offload_matches_zero3(parts, zero2_stage1, zero3_stage2, tmp_path
             zero2_stage1 / "projector.safetensors",
             "--deepspeed",
             "configs/zero3_offload.json",
+            "--packing",
+            "True",
         )
     )
     expected = logged_losses(zero3_stage2 / "checkpoint-4")

@@ -390,3 +390,15 @@ def test_skip_policy_through_the_entry_point(parts, stage1_dir, tmp_path, caplog
         argv[argv.index("--on_bad_sample") + 1] = "error"
         argv[argv.index("--output_dir") + 1] = str(tmp_path / "error")
         train(argv)
+
+
+def test_packed_training_matches_padded_training(parts, stage1_dir, tmp_path) -> None:
+    # The same batches (same seed and sampler) in either layout: the same losses step by step,
+    # through the Trainer, the packed collator's sample boundaries and sdpa_varlen.
+    runs = {}
+    for packing in ("False", "True"):
+        output = tmp_path / f"packing-{packing}"
+        argv = stage2_args(parts, output, stage1_dir / "projector.safetensors", "--save_strategy", "no")
+        runs[packing] = losses(train([*argv, "--packing", packing]))
+    assert len(runs["True"]) == 4
+    assert runs["True"] == pytest.approx(runs["False"], rel=1e-4, abs=1e-5)

@@ -130,7 +130,13 @@ def run(
         )
     else:
         dataset = build_dataset(sources, builder, on_bad_sample=data_args.on_bad_sample)
-    collator = PackedCollator() if data_args.packing else PaddedCollator(tokenizer.pad_token_id)
+    # Packed rows carry their sample boundaries (cu_seq_lens, max_length) so flash-attn's varlen
+    # kernel and sdpa_varlen read them directly instead of deriving them from position_ids.
+    collator = (
+        PackedCollator(return_flash_attn_kwargs=True)
+        if data_args.packing
+        else PaddedCollator(tokenizer.pad_token_id)
+    )
 
     # Samples carry metadata (row, id, skipped rows) the collator consumes: keep every column.
     training_args.remove_unused_columns = False

@@ -58,11 +58,20 @@ def build_model(hidden: int, layers: int, vocab: int, seed: int) -> TokenPackerL
 
 
 def make_samples(count: int, tokens_per_image: int, vocab: int, seed: int, max_length: int) -> list[dict]:
-    """A mix665k-like mixture: ~1/3 text-only; long-tailed conversation lengths."""
+    """A mix665k-like mixture: ~1/3 text-only; long-tailed conversation lengths.
+
+    Each sample is cut to ``max_length`` after it is drawn (as the data pipeline truncates to
+    ``model_max_length``), so the draws depend on the seed only: every ``tokens_per_image``
+    gets the same conversations. The image placeholders sit at positions 4.., so only text is cut.
+    """
+    if max_length < tokens_per_image + 8:
+        raise ValueError(
+            f"max_length {max_length} leaves no room for text next to {tokens_per_image} visual tokens"
+        )
     rng = random.Random(seed)
     samples = []
     for _ in range(count):
-        text_length = int(min(max_length - tokens_per_image, max(8, rng.lognormvariate(math.log(110), 0.8))))
+        text_length = int(max(8, rng.lognormvariate(math.log(110), 0.8)))
         has_image = rng.random() > 0.33
         ids = [rng.randrange(1, vocab) for _ in range(text_length)]
         if has_image:
@@ -71,8 +80,8 @@ def make_samples(count: int, tokens_per_image: int, vocab: int, seed: int, max_l
         labels[: len(labels) // 2] = [-100] * (len(labels) // 2)  # the prompt half is not supervised
         samples.append(
             {
-                "input_ids": torch.tensor(ids),
-                "labels": torch.tensor(labels),
+                "input_ids": torch.tensor(ids[:max_length]),
+                "labels": torch.tensor(labels[:max_length]),
                 "pixel_values": torch.randn(
                     1, 3, 48, 48, generator=torch.Generator().manual_seed(len(samples))
                 )

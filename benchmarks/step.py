@@ -200,19 +200,10 @@ def make_batches(
 ) -> list[tuple[dict, list[int], int]]:
     """``count`` packed batches: (collated batch with placeholder pixels, sample lengths, images).
 
-    The text lengths and modalities depend on the seed only, so every projector sees the same
-    conversations (``make_samples`` clips a text to ``max_length`` minus the visual tokens, which
-    would change its draws per projector: samples are drawn unclipped and truncated here, as the
-    data pipeline truncates to ``model_max_length``). Pixels are drawn on the device per step.
+    ``make_samples`` draws the same conversations for every projector (only the number of
+    placeholders differs). Pixels are drawn on the device per step.
     """
-    if max_length < tokens_per_image + 8:
-        raise ValueError(
-            f"max_length {max_length} leaves no room for text next to {tokens_per_image} visual tokens"
-        )
-    samples = make_samples(count * batch, tokens_per_image, VOCAB, seed=seed, max_length=2**62)
-    for sample in samples:  # the placeholders sit at positions 4.., so only text is cut
-        sample["input_ids"] = sample["input_ids"][:max_length]
-        sample["labels"] = sample["labels"][:max_length]
+    samples = make_samples(count * batch, tokens_per_image, VOCAB, seed=seed, max_length=max_length)
     collate = PackedCollator()
     batches = []
     for start in range(0, len(samples), batch):

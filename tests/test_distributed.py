@@ -31,15 +31,21 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def torchrun(argv: list[str], nproc: int = 2) -> subprocess.CompletedProcess:
-    env = {
+def cpu_ranks_env(**extra: str) -> dict[str, str]:
+    """The environment of local CPU ranks (gloo), plus ``extra``."""
+    return {
         **os.environ,
         "DS_ACCELERATOR": "cpu",
         # DeepSpeed compiles its CPU ops once; keep them in the repo's ignored cache.
         "TORCH_EXTENSIONS_DIR": str(ROOT / ".cache" / "torch_extensions"),
         "OMP_NUM_THREADS": "1",
         "TOKENIZERS_PARALLELISM": "false",
+        **extra,
     }
+
+
+def torchrun(argv: list[str], nproc: int = 2) -> subprocess.CompletedProcess:
+    env = cpu_ranks_env()
     command = [
         sys.executable,
         "-m",
@@ -76,22 +82,16 @@ def zero2_stage1(parts, tmp_path_factory) -> Path:
     return output
 
 
+def packed_stage2(parts, stage1: Path, output: Path, deepspeed_config: str) -> Path:
+    """Stage 2 on packed rows (as the stage scripts train by default) under ``deepspeed_config``."""
+    projector = stage1 / "projector.safetensors"
+    torchrun(stage2_args(parts, output, projector, "--deepspeed", deepspeed_config, "--packing", "True"))
+    return output
+
+
 @pytest.fixture(scope="module")
 def zero3_stage2(parts, zero2_stage1, tmp_path_factory) -> Path:
-    output = tmp_path_factory.mktemp("z3_stage2")
-    # Packed rows, as the stage scripts train by default.
-    torchrun(
-        stage2_args(
-            parts,
-            output,
-            zero2_stage1 / "projector.safetensors",
-            "--deepspeed",
-            "configs/zero3.json",
-            "--packing",
-            "True",
-        )
-    )
-    return output
+    return packed_stage2(parts, zero2_stage1, tmp_path_factory.mktemp("z3_stage2"), "configs/zero3.json")
 
 
 def test_zero2_stage1_then_zero3_stage2(zero2_stage1, zero3_stage2) -> None:
@@ -182,18 +182,7 @@ def test_plain_ddp_stage2(parts, zero2_stage1, tmp_path) -> None:
 def test_zero3_offload_matches_zero3(parts, zero2_stage1, zero3_stage2, tmp_path) -> None:
     # The shipped offload config: parameters and Adam states on the CPU (DeepSpeedCPUAdam,
     # compiled once into .cache). Same data, init and schedule as the ZeRO-3 run: same losses.
-    output = tmp_path / "offload"
-    torchrun(
-        stage2_args(
-            parts,
-            output,
-            zero2_stage1 / "projector.safetensors",
-            "--deepspeed",
-            "configs/zero3_offload.json",
-            "--packing",
-            "True",
-        )
-    )
+    output = packed_stage2(parts, zero2_stage1, tmp_path / "offload", "configs/zero3_offload.json")
     expected = logged_losses(zero3_stage2 / "checkpoint-4")
     assert logged_losses(output / "checkpoint-4") == pytest.approx(expected, rel=1e-4, abs=1e-5)
     model, info = TokenPackerLlavaForConditionalGeneration.from_pretrained(output, output_loading_info=True)
@@ -207,29 +196,24 @@ def test_pretrain_script_under_the_deepspeed_launcher(parts, tmp_path) -> None:
     # The cluster path end to end: scripts/pretrain.sh -> `deepspeed` launcher (2 local
     # processes) -> ZeRO-2 from configs/zero2.json, with the recipe's GPU flags switched off.
     output = tmp_path / "ds_launcher"
-    env = {
-        **os.environ,
-        "LAUNCHER": "deepspeed",
-        "GPUS_PER_NODE": "2",
-        "NNODES": "1",
-        "MASTER_PORT": str(free_port()),
-        "PYTHON": sys.executable,
-        "LLM": str(parts["llm"]),
-        "VISION_TOWER": str(parts["vision"]),
-        "DATA_PATH": str(parts["captions"]),
-        "IMAGE_FOLDER": str(parts["images"]),
-        "OUTPUT_DIR": str(output),
-        "PER_DEVICE_BATCH": "2",
-        "GLOBAL_BATCH": "4",
-        "MAX_LENGTH": "128",
-        "NUM_WORKERS": "0",
-        "REPORT_TO": "none",
-        "RESUME": "",
-        "DS_ACCELERATOR": "cpu",
-        "TORCH_EXTENSIONS_DIR": str(ROOT / ".cache" / "torch_extensions"),
-        "OMP_NUM_THREADS": "1",
-        "TOKENIZERS_PARALLELISM": "false",
-    }
+    env = cpu_ranks_env(
+        LAUNCHER="deepspeed",
+        GPUS_PER_NODE="2",
+        NNODES="1",
+        MASTER_PORT=str(free_port()),
+        PYTHON=sys.executable,
+        LLM=str(parts["llm"]),
+        VISION_TOWER=str(parts["vision"]),
+        DATA_PATH=str(parts["captions"]),
+        IMAGE_FOLDER=str(parts["images"]),
+        OUTPUT_DIR=str(output),
+        PER_DEVICE_BATCH="2",
+        GLOBAL_BATCH="4",
+        MAX_LENGTH="128",
+        NUM_WORKERS="0",
+        REPORT_TO="none",
+        RESUME="",
+    )
     cpu = ["--bf16", "False", "--tf32", "False", "--use_cpu", "True", "--gradient_checkpointing", "False"]
     command = [
         "bash",

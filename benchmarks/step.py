@@ -25,7 +25,9 @@ the batch's samples of lengths L (visual tokens included) and its images:
 
 - LLM matmuls: 6 N per token in stage 2 (forward 2N, backward 4N), 4 N in stage 1 (forward 2N +
   activation gradients 2N, no weight gradients); N = the LLM's parameters without the input
-  embedding table (the lm_head counts: it runs on every position).
+  embedding table. The lm_head is part of N on every position with the LLM's own loss
+  (``--loss_chunk_size 0``); with the chunked loss (the scripts' default, 4096) it runs on the
+  positions with a target only, and only those count.
 - LLM attention: forward 2 * 2 * layers * hidden * L**2 / 2 per sample (QK^T and PV, causal
   half), times 3 in stage 2 and times 2 in stage 1.
 - vision tower, forward only: 2 * N_layers per token over its 577 tokens (CLS included) plus the
@@ -145,15 +147,21 @@ def build_model(
 class FlopModel:
     """What the model-FLOPs formula (module docstring) needs from one built model."""
 
-    llm_params: int
+    llm_params: int  # the lm_head included
+    head_params: int
     llm_layers: int
     llm_hidden: int
     vision_flops_per_image: float  # forward
     projector_flops_per_image: float  # forward
 
-    def step(self, lengths: list[int], images: int, stage: int) -> float:
+    def step(self, lengths: list[int], images: int, stage: int, head_tokens: int) -> float:
+        """``head_tokens``: the positions the lm_head runs on (all, or the targets only)."""
         passes = 3 if stage == 2 else 2  # forward + backward (stage 2) / + activation grads (stage 1)
-        llm = passes * 2 * self.llm_params * sum(lengths)
+        llm = (
+            passes
+            * 2
+            * ((self.llm_params - self.head_params) * sum(lengths) + self.head_params * head_tokens)
+        )
         attention = passes * sum(2 * self.llm_layers * self.llm_hidden * length**2 for length in lengths)
         return llm + attention + images * (self.vision_flops_per_image + 3 * self.projector_flops_per_image)
 
@@ -188,6 +196,7 @@ def flop_model(model: TokenPackerLlavaForConditionalGeneration) -> FlopModel:
         projector(features, multi_level=multi_level)
     return FlopModel(
         llm_params=llm_params,
+        head_params=head.weight.numel() if head is not None else 0,
         llm_layers=llm.config.num_hidden_layers,
         llm_hidden=llm.config.hidden_size,
         vision_flops_per_image=float(vision_flops),
@@ -248,6 +257,7 @@ def run_row(
         else:  # transformers before activation_checkpointing_enable
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     model.train()
+    model.use_chunked_loss(args.loss_chunk_size or None)
     flops = flop_model(model)
     trainable = [p for p in model.parameters() if p.requires_grad]
     cuda = device.startswith("cuda")
@@ -269,7 +279,9 @@ def run_row(
         if index >= args.warmup:
             seconds += time.perf_counter() - start
             tokens += sum(lengths)
-            model_flops += flops.step(lengths, images, stage)
+            targets = int((batch["labels"][:, 1:] != -100).sum())
+            head_tokens = targets if args.loss_chunk_size else sum(lengths)
+            model_flops += flops.step(lengths, images, stage, head_tokens)
     return {
         "stage": stage,
         "projector": projector_label(projector, scale),
@@ -301,6 +313,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--max_length", type=int, default=2048, help="tokens per sample at most")
     parser.add_argument("--attn", default="auto", choices=ATTENTION_CHOICES)
     parser.add_argument("--no_gradient_checkpointing", action="store_true")
+    parser.add_argument(
+        "--loss_chunk_size",
+        type=int,
+        default=4096,
+        help="the chunked loss (as the scripts); 0: the LLM's own",
+    )
     parser.add_argument("--peak_tflops", type=float, default=None, help="also report MFU against this")
     parser.add_argument("--seed", type=int, default=0)
     for name in SHAPE_FLAGS:
@@ -328,7 +346,8 @@ def main(argv: list[str] | None = None) -> dict:
     print(
         f"training step, {device} ({name}), {dtype_name}, batch {args.batch} samples packed in one row, "
         f"{args.steps} timed steps after {args.warmup} warm-up, attention {attention}, "
-        f"checkpointing {'off' if args.no_gradient_checkpointing else 'on'}"
+        f"checkpointing {'off' if args.no_gradient_checkpointing else 'on'}, "
+        + (f"chunked loss ({args.loss_chunk_size} tokens)" if args.loss_chunk_size else "the LLM's own loss")
     )
     print(
         f"vision {shapes.vision_layers} layers x {shapes.vision_hidden} ({shapes.image_size}px / "

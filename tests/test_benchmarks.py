@@ -72,3 +72,15 @@ def test_step_benchmark_quick(capsys) -> None:
         assert stage1["visual_tokens"] == stage2["visual_tokens"]
         assert stage2["model_flops_per_step"] > stage1["model_flops_per_step"]  # + LLM weight gradients
         assert stage2["trainable_params"] > stage1["trainable_params"]  # stage 1 trains the projector only
+
+
+def test_loss_benchmark_quick(capsys) -> None:
+    import loss
+
+    result = loss.main(["--quick"])
+    out = capsys.readouterr().out
+    assert loss.BASELINE in out and "chunked, 128 tokens" in out and "peak MiB" in out
+    assert set(result) == {loss.BASELINE, "chunked, 128 tokens"}
+    for row in result.values():  # the same loss and gradients, each variant in its own process
+        assert row["loss_difference"] < 1e-5 and row["grad_difference"] < 1e-5
+        assert row["ms"] > 0 and 0 < row["targets"] < row["tokens"]

@@ -121,7 +121,9 @@ def test_converted_reference_folder_gives_the_same_logits(
 
     weights = load_file(next(half.glob("*.safetensors")))
     assert {t.dtype for t in weights.values() if t.is_floating_point()} == {torch.bfloat16}
-    assert any(k.startswith("vision_tower.") for k in weights) and any(k.startswith("projector.") for k in weights)
+    assert any(k.startswith("vision_tower.") for k in weights) and any(
+        k.startswith("projector.") for k in weights
+    )
 
 
 def test_not_a_reference_folder(tmp_path) -> None:

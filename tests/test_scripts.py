@@ -174,6 +174,8 @@ def test_pretrain_recipe_single_node(run) -> None:
         "--tf32": "True",
         "--model_max_length": "2048",
         "--gradient_checkpointing": "True",
+        "--packing": "True",
+        "--loss_chunk_size": "4096",
         "--dataloader_num_workers": "4",
         "--report_to": "none",
         "--resume_from_checkpoint": "auto",
@@ -536,6 +538,9 @@ def test_finetune_overrides(run) -> None:
     assert option(args, "--pretrain_mm_mlp_adapter") == "/p/projector.safetensors"
     args = train_args(run("finetune", {"PRETRAINED_PROJECTOR": ""}).cmd)
     assert "--pretrain_mm_mlp_adapter" not in args
+    args = train_args(run("finetune", {"PACKING": "False", "LOSS_CHUNK_SIZE": ""}).cmd)
+    assert option(args, "--packing") == "False" and "--loss_chunk_size" not in args
+    assert option(train_args(run("finetune", {"LOSS_CHUNK_SIZE": "1024"}).cmd), "--loss_chunk_size") == "1024"
     args = train_args(
         run("finetune_lora", {"LORA_R": "64", "LORA_ALPHA": "16", "MM_PROJECTOR_LR": "1e-5"}).cmd
     )

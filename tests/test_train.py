@@ -230,6 +230,7 @@ BAD_OPTIONS = [
     (["--mm_use_im_start_end", "True"], "not supported"),
     (["--mm_vision_tower_lr", "1e-5"], "needs --unfreeze_mm_vision_tower"),
     (["--on_bad_sample", "ignore"], "--on_bad_sample"),
+    (["--loss_chunk_size", "0"], "--loss_chunk_size 0: must be positive"),
 ]
 
 
@@ -392,13 +393,19 @@ def test_skip_policy_through_the_entry_point(parts, stage1_dir, tmp_path, caplog
         train(argv)
 
 
-def test_packed_training_matches_padded_training(parts, stage1_dir, tmp_path) -> None:
-    # The same batches (same seed and sampler) in either layout: the same losses step by step,
-    # through the Trainer, the packed collator's sample boundaries and sdpa_varlen.
+def test_packed_and_chunked_loss_training_match_padded_training(parts, stage1_dir, tmp_path) -> None:
+    # The same batches (same seed and sampler) in either layout, and with the chunked loss: the
+    # same losses step by step, through the Trainer (its num_items_in_batch), the packed
+    # collator's sample boundaries and sdpa_varlen.
     runs = {}
-    for packing in ("False", "True"):
-        output = tmp_path / f"packing-{packing}"
+    for name, extra in (
+        ("padded", ["--packing", "False"]),
+        ("packed", ["--packing", "True"]),
+        ("packed, chunked loss", ["--packing", "True", "--loss_chunk_size", "7"]),
+    ):
+        output = tmp_path / name.replace(", ", "-").replace(" ", "_")
         argv = stage2_args(parts, output, stage1_dir / "projector.safetensors", "--save_strategy", "no")
-        runs[packing] = losses(train([*argv, "--packing", packing]))
-    assert len(runs["True"]) == 4
-    assert runs["True"] == pytest.approx(runs["False"], rel=1e-4, abs=1e-5)
+        runs[name] = losses(train([*argv, *extra]))
+    assert len(runs["packed"]) == 4
+    for name in ("packed", "packed, chunked loss"):
+        assert runs[name] == pytest.approx(runs["padded"], rel=1e-4, abs=1e-5), name

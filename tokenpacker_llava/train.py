@@ -78,6 +78,7 @@ def run(
     template = get_template(model_args.template, tokenizer)
     model = build_model(model_args, data_args, training_args, image_token_id)
     configure_image_mode(model.config, data_args, tokenizer)
+    model.use_chunked_loss(training_args.loss_chunk_size)
     if model_args.pretrain_mm_mlp_adapter:
         load_projector(model, model_args.pretrain_mm_mlp_adapter)
 

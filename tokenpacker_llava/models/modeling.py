@@ -22,6 +22,12 @@ from transformers.cache_utils import Cache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from tokenpacker_llava.models.configuration import TokenPackerLlavaConfig
+from tokenpacker_llava.models.loss import (
+    chunked_causal_lm_loss,
+    chunked_loss_unsupported,
+    register_with_zero3,
+    supports_chunked_loss,
+)
 from tokenpacker_llava.models.projectors import Projector, build_projector
 from tokenpacker_llava.models.vision import VisionEncoder
 
@@ -73,6 +79,8 @@ class TokenPackerLlavaForConditionalGeneration(TokenPackerLlavaPreTrainedModel, 
             **config.projector_options,
         )
         self.language_model = language_model or AutoModelForCausalLM.from_config(config.text_config)
+        # A training setting, not part of the architecture: not saved with the config.
+        self.loss_chunk_size: int | None = None
         self.post_init()
 
     @classmethod
@@ -145,6 +153,23 @@ class TokenPackerLlavaForConditionalGeneration(TokenPackerLlavaPreTrainedModel, 
 
     def set_output_embeddings(self, value: nn.Module) -> None:
         self.language_model.set_output_embeddings(value)
+
+    def use_chunked_loss(self, chunk_size: int | None) -> None:
+        """Train with ``chunked_causal_lm_loss`` (LM head on target positions only, ``chunk_size``
+        tokens at a time, never the full logits) instead of the LLM's own loss; None: the LLM's.
+
+        Applies to training forwards with labels; evaluation and generation return logits as usual.
+        """
+        if chunk_size is not None:
+            if chunk_size <= 0:
+                raise ValueError(f"the loss chunk size must be positive, got {chunk_size}")
+            reason = chunked_loss_unsupported(self.config.text_config) or supports_chunked_loss(
+                self.get_output_embeddings()
+            )
+            if reason is not None:
+                raise ValueError(f"the chunked loss cannot stand in for this LLM's loss: {reason}")
+            register_with_zero3(self, self.get_output_embeddings())
+        self.loss_chunk_size = chunk_size
 
     @property
     def num_image_tokens(self) -> int:
@@ -229,6 +254,8 @@ class TokenPackerLlavaForConditionalGeneration(TokenPackerLlavaPreTrainedModel, 
             # Training needs no KV cache, and a cache would stop transformers from building the
             # per-sample mask of packed rows (it only does so for cache-free forwards).
             use_cache = False
+        if labels is not None and self.training and self.loss_chunk_size is not None:
+            return self._chunked_loss_forward(inputs_embeds, attention_mask, position_ids, labels, **kwargs)
         return self.language_model(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
@@ -238,4 +265,32 @@ class TokenPackerLlavaForConditionalGeneration(TokenPackerLlavaPreTrainedModel, 
             use_cache=use_cache,
             logits_to_keep=logits_to_keep,
             **kwargs,
+        )
+
+    def _chunked_loss_forward(
+        self,
+        inputs_embeds: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.LongTensor | None,
+        labels: torch.LongTensor,
+        num_items_in_batch: torch.Tensor | int | None = None,
+        **kwargs: Any,
+    ) -> CausalLMOutputWithPast:
+        """The LLM's decoder, then the loss from its hidden states; no logits are returned."""
+        outputs = self.language_model.base_model(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=False,
+            **kwargs,
+        )
+        loss = chunked_causal_lm_loss(
+            outputs.last_hidden_state,
+            self.get_output_embeddings(),
+            labels,
+            chunk_size=self.loss_chunk_size,
+            num_items_in_batch=num_items_in_batch,
+        )
+        return CausalLMOutputWithPast(
+            loss=loss, hidden_states=outputs.hidden_states, attentions=outputs.attentions
         )

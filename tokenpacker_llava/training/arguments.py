@@ -138,6 +138,13 @@ class TrainingArguments(transformers.TrainingArguments):
     bits: int = field(default=16, metadata={"help": "16 (no quantization), or 8/4 for QLoRA (CUDA)."})
     double_quant: bool = True
     quant_type: str = "nf4"
+    loss_chunk_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "Compute the loss from the LLM's hidden states on target positions only, this many "
+            "tokens at a time, never holding the full logits (e.g. 4096); unset: the LLM's own loss."
+        },
+    )
     warmup_ratio: float | None = field(
         default=None,
         metadata={"help": "LLaVA's name: warmup as a fraction of the steps (sets --warmup_steps)."},
@@ -278,6 +285,10 @@ def validate(model_args: ModelArguments, data_args: DataArguments, training_args
         "--streaming needs --max_steps (the stream has no length)",
     )
     check(training_args.model_max_length > 0, "--model_max_length must be positive")
+    check(
+        training_args.loss_chunk_size is None or training_args.loss_chunk_size > 0,
+        f"--loss_chunk_size {training_args.loss_chunk_size}: must be positive (or unset)",
+    )
     try:
         for source in parse_data_path(data_args.data_path, data_args.image_folder):
             if source.path.endswith((".json", ".jsonl")):

@@ -24,5 +24,10 @@ run projector_s2 benchmarks/projector.py --device cuda --dtype bfloat16 --batch 
 run projector_s3 benchmarks/projector.py --device cuda --dtype bfloat16 --batch 32 --repeats 20 --scale 3
 # 2. packed vs padded training steps at a bigger (not 7B) LLM
 run packing benchmarks/packing.py --device cuda --hidden 2048 --layers 8 --batch 16 --steps 20
-# 3. a 7B-shaped stage 2 and stage 1 step, 576 / 144 / 64 visual tokens
+# 3. a 7B-shaped stage 2 and stage 1 step, 576 / 144 / 64 visual tokens (chunked loss, as the scripts)
 run step benchmarks/step.py --device cuda --peak_tflops 989
+#    ... and stage 2 at 144 tokens with the LLM's own loss over full logits
+run step_full_logits benchmarks/step.py --device cuda --peak_tflops 989 --stages 2 --projectors tokenpacker:2 \
+    --loss_chunk_size 0
+# 4. the LM head + loss alone, on a packed row of 64 samples (7B head: 4096 x 32000)
+run loss benchmarks/loss.py --device cuda --dtype bfloat16 --batch 64 --repeats 10

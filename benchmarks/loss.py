@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batch", type=int, default=16, help="samples packed into the row")
     parser.add_argument("--tokens_per_image", type=int, default=144)
     parser.add_argument("--max_length", type=int, default=2048)
-    parser.add_argument("--chunk_sizes", type=int, nargs="+", default=[4096, 1024])
+    parser.add_argument("--chunk_sizes", type=int, nargs="+", default=[4096, 2048, 1024])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--_variant", type=int, default=None, help=argparse.SUPPRESS)

@@ -26,7 +26,7 @@ the batch's samples of lengths L (visual tokens included) and its images:
 - LLM matmuls: 6 N per token in stage 2 (forward 2N, backward 4N), 4 N in stage 1 (forward 2N +
   activation gradients 2N, no weight gradients); N = the LLM's parameters without the input
   embedding table. The lm_head is part of N on every position with the LLM's own loss
-  (``--loss_chunk_size 0``); with the chunked loss (the scripts' default, 4096) it runs on the
+  (``--loss_chunk_size 0``); with the chunked loss (the scripts' default, 2048) it runs on the
   positions with a target only, and only those count.
 - LLM attention: forward 2 * 2 * layers * hidden * L**2 / 2 per sample (QK^T and PV, causal
   half), times 3 in stage 2 and times 2 in stage 1.
@@ -316,7 +316,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--loss_chunk_size",
         type=int,
-        default=4096,
+        default=2048,
         help="the chunked loss (as the scripts); 0: the LLM's own",
     )
     parser.add_argument("--peak_tflops", type=float, default=None, help="also report MFU against this")

@@ -245,7 +245,7 @@ tp_training_defaults() {
     REPORT_TO=${REPORT_TO:-$(tp_default_report_to)}
     SAVE_TOTAL_LIMIT=${SAVE_TOTAL_LIMIT:-1}
     PACKING=${PACKING:-True} # padding-free rows (flash-attn varlen, or per-sample SDPA without it)
-    LOSS_CHUNK_SIZE=${LOSS_CHUNK_SIZE-4096} # loss without the full logits; empty: the LLM's own loss
+    LOSS_CHUNK_SIZE=${LOSS_CHUNK_SIZE-2048} # loss without the full logits; empty: the LLM's own loss
     RESUME=${RESUME-auto} # empty: start over (no --resume_from_checkpoint)
     RUN_NAME=${RUN_NAME:-$(basename "$OUTPUT_DIR")}
     tp_require_positive GLOBAL_BATCH PER_DEVICE_BATCH

@@ -175,7 +175,7 @@ def test_pretrain_recipe_single_node(run) -> None:
         "--model_max_length": "2048",
         "--gradient_checkpointing": "True",
         "--packing": "True",
-        "--loss_chunk_size": "4096",
+        "--loss_chunk_size": "2048",
         "--dataloader_num_workers": "4",
         "--report_to": "none",
         "--resume_from_checkpoint": "auto",

@@ -52,16 +52,23 @@ def supports_chunked_loss(head: nn.Module | None) -> str | None:
     return None
 
 
-class _LinearCrossEntropySum(torch.autograd.Function):
-    """sum_i CE(hidden_i @ weight.T + bias, target_i), with the gradients computed chunk by chunk
-    in the forward pass and only scaled in the backward."""
+class _LinearCrossEntropy(torch.autograd.Function):
+    """sum_i CE(hidden_i @ weight.T + bias, target_i) / denominator, with the gradients computed
+    chunk by chunk in the forward pass and only scaled by the incoming gradient in the backward.
+
+    The division happens in fp32 before the logits' gradient is rounded to the weights' dtype
+    (as autograd does it), so the usual incoming gradient (1, or a power-of-two loss scale)
+    scales the rounded gradients exactly.
+    """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, chunk_size: int, with_grads: bool):
+    def forward(ctx, hidden, weight, bias, targets, denominator, chunk_size: int, with_grads: bool):
         need_hidden, need_weight, need_bias = (with_grads and need for need in ctx.needs_input_grad[:3])
+        # In the parameters' dtype, as autograd accumulates: addmm_ rounds once per chunk (the
+        # product is summed into the buffer in fp32), and an fp32 buffer would cost as much
+        # memory as the logits this function saves for a 7B model's head.
         grad_hidden = torch.empty_like(hidden) if need_hidden else None
-        # fp32 accumulators: the sum over chunks should not round at every chunk.
-        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_weight else None
+        grad_weight = torch.zeros_like(weight) if need_weight else None
         grad_bias = torch.zeros_like(bias, dtype=torch.float32) if need_bias else None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for start in range(0, targets.numel(), chunk_size):
@@ -74,24 +81,31 @@ class _LinearCrossEntropySum(torch.autograd.Function):
             # d CE / d logits = softmax - one_hot, computed in place of the logits.
             grad_logits = logits.sub_(log_norm[:, None]).exp_()
             grad_logits[torch.arange(len(chunk_targets), device=hidden.device), chunk_targets] -= 1.0
-            grad_logits = grad_logits.to(hidden.dtype)  # as autograd casts it back through .float()
+            grad_logits = grad_logits.div_(denominator).to(hidden.dtype)  # as autograd casts it back through .float()
             if need_hidden:
                 torch.mm(grad_logits, weight, out=grad_hidden[start : start + chunk_size])
             if need_weight:
-                grad_weight.add_(grad_logits.t().mm(chunk))
+                grad_weight.addmm_(grad_logits.t(), chunk)
             if need_bias:
                 grad_bias.add_(grad_logits.sum(0))
         ctx.grads = (grad_hidden, grad_weight, grad_bias)
-        ctx.dtypes = (hidden.dtype, weight.dtype, bias.dtype if bias is not None else None)
-        return total
+        ctx.bias_dtype = bias.dtype if bias is not None else None
+        return total / denominator
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_output):
-        grads = tuple(
-            None if grad is None else (grad * grad_output).to(dtype)
-            for grad, dtype in zip(ctx.grads, ctx.dtypes, strict=True)
-        )
-        return (*grads, None, None, None)
+        if ctx.grads is None:
+            raise RuntimeError("the chunked loss's backward ran twice (retain_graph is not supported)")
+        grad_hidden, grad_weight, grad_bias = ctx.grads
+        ctx.grads = None  # scaled in place and handed over: no second copy of the head's gradient
+        if grad_hidden is not None:
+            grad_hidden.mul_(grad_output.to(grad_hidden.dtype))
+        if grad_weight is not None:
+            grad_weight.mul_(grad_output.to(grad_weight.dtype))
+        if grad_bias is not None:
+            grad_bias = grad_bias.mul_(grad_output).to(ctx.bias_dtype)
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None
 
 
 def register_with_zero3(module: nn.Module, head: nn.Module) -> None:
@@ -125,17 +139,14 @@ def chunked_causal_lm_loss(
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
     shifted = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:].reshape(-1).to(hidden_states.device)
     positions = (shifted != IGNORE_INDEX).nonzero().squeeze(-1)
-    # With no targets the sum is 0 and every head parameter still gets a (zero) gradient, so it
-    # takes part in the step (DDP, ZeRO); the mean over no targets is NaN, as transformers'.
     hidden = hidden_states.reshape(-1, hidden_states.shape[-1])[positions]
     reason = supports_chunked_loss(head)
     if reason is not None:
         raise ValueError(f"the chunked loss cannot use this head: {reason}")
-    total = _LinearCrossEntropySum.apply(
-        hidden, head.weight, head.bias, shifted[positions], chunk_size, torch.is_grad_enabled()
+    # With no targets the sum is 0 and every head parameter still gets a gradient, so it takes
+    # part in the step (DDP, ZeRO); the mean over no targets is NaN, as transformers'.
+    denominator = positions.numel() if num_items_in_batch is None else num_items_in_batch
+    denominator = torch.as_tensor(denominator, dtype=torch.float32, device=hidden.device)
+    return _LinearCrossEntropy.apply(
+        hidden, head.weight, head.bias, shifted[positions], denominator, chunk_size, torch.is_grad_enabled()
     )
-    if num_items_in_batch is None:
-        return total / positions.numel()
-    if torch.is_tensor(num_items_in_batch):
-        num_items_in_batch = num_items_in_batch.to(total.device)
-    return total / num_items_in_batch

@@ -81,7 +81,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
             # d CE / d logits = softmax - one_hot, computed in place of the logits.
             grad_logits = logits.sub_(log_norm[:, None]).exp_()
             grad_logits[torch.arange(len(chunk_targets), device=hidden.device), chunk_targets] -= 1.0
-            grad_logits = grad_logits.div_(denominator).to(hidden.dtype)  # as autograd casts it back through .float()
+            # Rounded to the weights' dtype as autograd rounds it back through the .float() above.
+            grad_logits = grad_logits.div_(denominator).to(hidden.dtype)
             if need_hidden:
                 torch.mm(grad_logits, weight, out=grad_hidden[start : start + chunk_size])
             if need_weight:

@@ -231,6 +231,8 @@ BAD_OPTIONS = [
     (["--mm_vision_tower_lr", "1e-5"], "needs --unfreeze_mm_vision_tower"),
     (["--on_bad_sample", "ignore"], "--on_bad_sample"),
     (["--loss_chunk_size", "0"], "--loss_chunk_size 0: must be positive"),
+    (["--compile_parts", "llm"], "--compile_parts \\['llm'\\]: choose from"),
+    (["--compile_parts", "projector", "--deepspeed", "configs/zero3.json"], "does not work under ZeRO-3"),
 ]
 
 
@@ -409,3 +411,24 @@ def test_packed_and_chunked_loss_training_match_padded_training(parts, stage1_di
     assert len(runs["packed"]) == 4
     for name in ("packed", "packed, chunked loss"):
         assert runs[name] == pytest.approx(runs["padded"], rel=1e-4, abs=1e-5), name
+
+
+def test_compiled_vision_tower_and_projector_train_as_eager(parts, stage1_dir, tmp_path) -> None:
+    # torch.compile (inductor, C++ on CPU) of the tower and projector: the same losses step by
+    # step, through a change in the number of images (24 rows in batches of 5: the fifth batch
+    # has 4 images; the recompile with a dynamic batch), and a saved model whose weights load
+    # into an uncompiled one.
+    runs = {}
+    for name, extra in (("eager", []), ("compiled", ["--compile_parts", "vision_tower", "projector"])):
+        argv = stage2_args(parts, tmp_path / name, stage1_dir / "projector.safetensors", *extra)
+        argv[argv.index("--per_device_train_batch_size") + 1] = "5"
+        argv[argv.index("--max_steps") + 1] = "6"
+        runs[name] = train([*argv, "--save_strategy", "no"])
+    assert len(losses(runs["eager"])) == 6
+    assert losses(runs["compiled"]) == pytest.approx(losses(runs["eager"]), rel=1e-4, abs=1e-5)
+    compiled = runs["compiled"].model
+    assert compiled.projector._compiled_call_impl is not None
+    assert compiled.vision_tower._compiled_call_impl is not None
+    saved = TokenPackerLlavaForConditionalGeneration.from_pretrained(tmp_path / "compiled")
+    for key, value in saved.state_dict().items():
+        torch.testing.assert_close(value, compiled.state_dict()[key], msg=key)

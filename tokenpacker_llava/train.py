@@ -30,6 +30,7 @@ from tokenpacker_llava.training.arguments import (
 from tokenpacker_llava.training.builder import (
     apply_lora,
     build_model,
+    compile_parts,
     configure_image_mode,
     load_image_processor,
     load_tokenizer,
@@ -96,6 +97,9 @@ def run(
         training_args.gradient_checkpointing_kwargs = {"use_reentrant": False}
     if training_args.lora_enable:
         model = apply_lora(model, training_args, train_projector)
+    # After LoRA: peft copies the projector (modules_to_save), and a copy of a compiled module
+    # would still call the original's compiled forward.
+    compile_parts(model, training_args.compile_parts)
     logger.info("parameters:\n%s", parameter_table(model))
 
     base = getattr(model, "get_base_model", lambda: model)()

@@ -25,6 +25,9 @@ from tokenpacker_llava.models.projectors import PROJECTORS, TokenPreservingProje
 
 logger = logging.getLogger(__name__)
 
+# The model parts `--compile_parts` may compile (the LLM is left to the Trainer's --torch_compile).
+COMPILABLE_PARTS = ("vision_tower", "projector")
+
 # LLaVA's `--version` names -> our template names (exact table, no substring matching).
 LLAVA_VERSIONS = {
     "plain": "plain",
@@ -143,6 +146,13 @@ class TrainingArguments(transformers.TrainingArguments):
         metadata={
             "help": "Compute the loss from the LLM's hidden states on target positions only, this many "
             "tokens at a time, never holding the full logits (e.g. 4096); unset: the LLM's own loss."
+        },
+    )
+    compile_parts: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": f"torch.compile these parts in place, any of {COMPILABLE_PARTS} (same weights and "
+            "checkpoint keys); not under ZeRO-3."
         },
     )
     warmup_ratio: float | None = field(
@@ -285,6 +295,14 @@ def validate(model_args: ModelArguments, data_args: DataArguments, training_args
         "--streaming needs --max_steps (the stream has no length)",
     )
     check(training_args.model_max_length > 0, "--model_max_length must be positive")
+    unknown_parts = sorted(set(training_args.compile_parts) - set(COMPILABLE_PARTS))
+    check(not unknown_parts, f"--compile_parts {unknown_parts}: choose from {COMPILABLE_PARTS}")
+    deepspeed_config = getattr(training_args, "hf_deepspeed_config", None)
+    check(
+        not (training_args.compile_parts and deepspeed_config is not None and deepspeed_config.is_zero3()),
+        "--compile_parts does not work under ZeRO-3 (its parameters are gathered by module hooks "
+        "that compiled code bypasses): use ZeRO-2 or drop the option",
+    )
     check(
         training_args.loss_chunk_size is None or training_args.loss_chunk_size > 0,
         f"--loss_chunk_size {training_args.loss_chunk_size}: must be positive (or unset)",

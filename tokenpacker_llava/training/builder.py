@@ -154,6 +154,19 @@ def load_image_processor(model_args: ModelArguments):
     return AutoImageProcessor.from_pretrained(source, trust_remote_code=model_args.trust_remote_code)
 
 
+def compile_parts(model: nn.Module, parts: list[str]) -> None:
+    """``torch.compile`` the named parts of the (possibly LoRA-wrapped) model in place.
+
+    ``nn.Module.compile`` keeps the module, its parameters and state-dict keys, so checkpoints
+    and the saved model are unchanged. Shapes are specialized first and made dynamic on the first
+    change (the number of images varies from batch to batch), so a run compiles about twice.
+    """
+    base = getattr(model, "get_base_model", lambda: model)()
+    for part in parts:
+        getattr(base, part).compile()
+        logger.info("torch.compile: %s (compiled on its first calls)", part)
+
+
 def lora_target_pattern(model: TokenPackerLlavaForConditionalGeneration) -> str:
     """A regex matching every Linear layer of the LLM except its output head (as LLaVA)."""
     head = model.language_model.get_output_embeddings()

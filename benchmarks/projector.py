@@ -12,11 +12,13 @@ they compute the same function.
     python benchmarks/projector.py              # CLIP-L/336 widths, H=4096, batch 4 (CPU fp32)
     python benchmarks/projector.py --quick      # small widths, seconds (run by the tests)
     python benchmarks/projector.py --device cuda --dtype bfloat16 --batch 32   # on a GPU
+    python benchmarks/projector.py --compile    # adds ours under torch.compile (--compile_parts)
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import time
 
@@ -29,6 +31,7 @@ from tokenpacker_llava.models.projectors import build_projector
 
 REFERENCE = "reference-style (MHA + reshapes)"
 OURS = "tokenpacker_llava (projections absorbed)"
+COMPILED = "tokenpacker_llava + torch.compile"
 
 
 class ReferenceStyleTokenPacker(nn.Module):
@@ -121,6 +124,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--scale", type=int, default=2)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    parser.add_argument("--compile", action="store_true", help="add ours under torch.compile")
     args = parser.parse_args(argv)
     dim, kv_dim, out_dim, grid = (1024, 4096, 4096, 24) if not args.quick else (128, 512, 256, 24)
     batch = args.batch if not args.quick else 2
@@ -147,6 +151,13 @@ def main(argv: list[str] | None = None) -> dict:
     for name, module in ((REFERENCE, reference), (OURS, ours)):
         flops[name] = count_flops(module, (x, x_multi))
         rows[name] = statistics.median(time_fwd_bwd(module, (x, x_multi), repeats, args.device))
+    if args.compile:
+        compiled = copy.deepcopy(ours)
+        compiled.compile()  # as --compile_parts projector; compiled by time_fwd_bwd's untimed first run
+        flops[COMPILED] = flops[OURS]
+        rows[COMPILED] = statistics.median(time_fwd_bwd(compiled, (x, x_multi), repeats, args.device))
+        with torch.no_grad():
+            compiled_difference = (compiled(x, x_multi).float() - ours(x, x_multi).float()).abs().max().item()
     peak = matmul_rate(512 if args.quick else 4096, repeats, args.device, dtype)
     base = rows[REFERENCE]
     print(
@@ -164,8 +175,12 @@ def main(argv: list[str] | None = None) -> dict:
             f"{name:<42} {1000 * seconds:>9.1f} {batch / seconds:>9.1f} {base / seconds:>7.2f}x "
             f"{flops[name] / 1e9:>8.1f} {rate / 1e12:>8.3f} {rate / peak:>9.0%}"
         )
-    print(f"max |output difference| {difference:.2e}")
-    return {"rows": rows, "flops": flops, "matmul_rate": peak, "difference": difference}
+    print(f"max |output difference| {difference:.2e} (ours vs reference-style)")
+    result = {"rows": rows, "flops": flops, "matmul_rate": peak, "difference": difference}
+    if args.compile:
+        print(f"max |output difference| {compiled_difference:.2e} (compiled vs eager)")
+        result["compiled_difference"] = compiled_difference
+    return result
 
 
 if __name__ == "__main__":

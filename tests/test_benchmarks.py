@@ -12,11 +12,23 @@ import projector  # noqa: E402
 
 
 def test_projector_benchmark_quick(capsys) -> None:
-    result = projector.main(["--quick"])
+    result = projector.main(["--quick", "--compile"])
     out = capsys.readouterr().out
-    assert "reference-style" in out and "tokenpacker_llava" in out
+    assert "reference-style" in out and "tokenpacker_llava" in out and projector.COMPILED in out
     assert result["difference"] < 1e-5  # same weights, same inputs: the same function
+    assert result["compiled_difference"] < 1e-5
+    assert set(result["rows"]) == {projector.REFERENCE, projector.OURS, projector.COMPILED}
     assert all(seconds > 0 for seconds in result["rows"].values())
+
+
+def test_vision_benchmark_quick(capsys) -> None:
+    import vision
+
+    result = vision.main(["--quick"])
+    out = capsys.readouterr().out
+    assert "torch.compile" in out and "images/s" in out
+    assert set(result["rows"]) == {vision.EAGER, vision.COMPILED}
+    assert result["difference"] < 1e-4 and all(seconds > 0 for seconds in result["rows"].values())
 
 
 def test_packing_benchmark_quick(capsys) -> None:

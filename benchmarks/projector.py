@@ -4,7 +4,7 @@ The reference code groups keys and values into regions with several permute/resh
 and calls ``nn.MultiheadAttention`` (which projects every key and value, and also computes the
 attention weights it then throws away). Ours moves the key/value projections onto the one
 query of each region (``RegionAttention``). Both get the same weights and inputs; the table
-reports time per forward+backward, images/s, the speedup, the FLOPs each formulation executes
+reports time per forward+backward (the formulations and the matmul timed in interleaved rounds), images/s, the speedup, the FLOPs each formulation executes
 (counted by ``torch.utils.flop_counter``), the rate it reaches, and that rate as a share of a
 plain matmul's rate measured on the same device and dtype. The largest output difference shows
 they compute the same function.
@@ -21,6 +21,7 @@ import argparse
 import copy
 import statistics
 import time
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -76,20 +77,31 @@ class ReferenceStyleTokenPacker(nn.Module):
         return self.mlp(out.reshape(n, g * g, c))
 
 
-def time_fwd_bwd(
-    module: nn.Module, inputs: tuple[torch.Tensor, ...], repeats: int, device: str
-) -> list[float]:
-    times = []
-    for _ in range(repeats + 1):  # the first run warms up and is not counted
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        start = time.perf_counter()
+def interleaved_medians(runs: dict[str, Callable[[], object]], repeats: int, device: str) -> dict[str, float]:
+    """Median seconds of each run, timed in rounds (one call of each per round) after one untimed
+    warm-up call each: a machine that slows down or speeds up mid-benchmark (a shared host)
+    then shifts every row alike instead of whichever ran at that time."""
+    for run in runs.values():
+        run()
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, run in runs.items():
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            run()
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def fwd_bwd(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> Callable[[], None]:
+    def run() -> None:
         module(*inputs).float().square().mean().backward()
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
         module.zero_grad(set_to_none=True)
-    return times[1:]
+
+    return run
 
 
 def count_flops(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> int:
@@ -100,20 +112,17 @@ def count_flops(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> int:
     return counter.get_total_flops()
 
 
-def matmul_rate(size: int, repeats: int, device: str, dtype: torch.dtype) -> float:
-    """FLOP/s of a square ``size`` matmul: the device's practical GEMM peak for the comparison."""
+def matmul(size: int, device: str, dtype: torch.dtype) -> tuple[Callable[[], object], int]:
+    """A square ``size`` matmul and its FLOPs: the device's practical GEMM peak for the comparison."""
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
-    times = []
-    for _ in range(repeats + 1):
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        a @ b
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return 2 * size**3 / statistics.median(times[1:])
+    return (lambda: a @ b), 2 * size**3
+
+
+def matmul_rate(size: int, repeats: int, device: str, dtype: torch.dtype) -> float:
+    """FLOP/s of a square ``size`` matmul (median of ``repeats``)."""
+    run, flops = matmul(size, device, dtype)
+    return flops / interleaved_medians({"matmul": run}, repeats, device)["matmul"]
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -147,18 +156,22 @@ def main(argv: list[str] | None = None) -> dict:
     x_multi = torch.randn(batch, grid * grid, kv_dim, device=args.device, dtype=dtype)
     with torch.no_grad():
         difference = (ours(x, x_multi).float() - reference(x, x_multi).float()).abs().max().item()
-    rows, flops = {}, {}
-    for name, module in ((REFERENCE, reference), (OURS, ours)):
-        flops[name] = count_flops(module, (x, x_multi))
-        rows[name] = statistics.median(time_fwd_bwd(module, (x, x_multi), repeats, args.device))
+    modules = {REFERENCE: reference, OURS: ours}
     if args.compile:
-        compiled = copy.deepcopy(ours)
-        compiled.compile()  # as --compile_parts projector; compiled by time_fwd_bwd's untimed first run
+        modules[COMPILED] = copy.deepcopy(ours)
+        modules[COMPILED].compile()  # as --compile_parts projector; compiled by the warm-up call
+    flops = {name: count_flops(module, (x, x_multi)) for name, module in modules.items() if name != COMPILED}
+    runs = {name: fwd_bwd(module, (x, x_multi)) for name, module in modules.items()}
+    # The matmul that defines "of matmul" is timed in the same rounds as the projectors.
+    runs["matmul"], matmul_flops = matmul(512 if args.quick else 4096, args.device, dtype)
+    rows = interleaved_medians(runs, repeats, args.device)
+    peak = matmul_flops / rows.pop("matmul")
+    if args.compile:
         flops[COMPILED] = flops[OURS]
-        rows[COMPILED] = statistics.median(time_fwd_bwd(compiled, (x, x_multi), repeats, args.device))
         with torch.no_grad():
-            compiled_difference = (compiled(x, x_multi).float() - ours(x, x_multi).float()).abs().max().item()
-    peak = matmul_rate(512 if args.quick else 4096, repeats, args.device, dtype)
+            compiled_difference = (
+                (modules[COMPILED](x, x_multi).float() - ours(x, x_multi).float()).abs().max().item()
+            )
     base = rows[REFERENCE]
     print(
         f"TokenPacker fwd+bwd, {args.device} {args.dtype}, batch {batch}, widths {dim}/{kv_dim}->{out_dim}, "

@@ -3,7 +3,7 @@
 The frozen tower runs forward only in both training stages (no gradient), on every image of
 every batch: CLIP-L/336 up to its 23rd layer, keeping the query layer and the four multi-level
 layers TokenPacker reads (``VisionEncoder``). Same weights and images; the compiled copy is
-compiled by its untimed first call. Reports images/s, the speedup and the largest difference
+compiled by its first call, and the two are then timed in interleaved rounds. Reports images/s, the speedup and the largest difference
 of the features.
 
     python benchmarks/vision.py                  # CLIP-L/336, batch 4, CPU fp32
@@ -15,33 +15,16 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
 import time
 
 import torch
+from projector import interleaved_medians
 from transformers import CLIPVisionConfig
 
 from tokenpacker_llava.models.vision import VisionEncoder, default_multi_level_layers
 
 EAGER = "eager"
 COMPILED = "torch.compile"
-
-
-def synchronize(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-@torch.no_grad()
-def time_forward(tower: VisionEncoder, pixels: torch.Tensor, repeats: int, device: str) -> list[float]:
-    times = []
-    for _ in range(repeats + 1):  # the first call warms up (and compiles) and is not counted
-        synchronize(device)
-        start = time.perf_counter()
-        tower(pixels)
-        synchronize(device)
-        times.append(time.perf_counter() - start)
-    return times[1:]
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -77,9 +60,7 @@ def main(argv: list[str] | None = None) -> dict:
     eager = VisionEncoder(config, feature_layer=-2, multi_level_layers=layers).to(args.device, dtype).eval()
     compiled = copy.deepcopy(eager)
     compiled.compile()  # as --compile_parts vision_tower
-    pixels = torch.randn(
-        args.batch, 3, config.image_size, config.image_size, device=args.device, dtype=dtype
-    )
+    pixels = torch.randn(args.batch, 3, config.image_size, config.image_size, device=args.device, dtype=dtype)
     start = time.perf_counter()
     with torch.no_grad():
         reference, result = eager(pixels), compiled(pixels)
@@ -88,10 +69,10 @@ def main(argv: list[str] | None = None) -> dict:
         (reference.features - result.features).abs().max().item(),
         (reference.multi_level - result.multi_level).abs().max().item(),
     )
-    rows = {
-        name: statistics.median(time_forward(tower, pixels, args.repeats, args.device))
-        for name, tower in ((EAGER, eager), (COMPILED, compiled))
-    }
+    with torch.no_grad():  # the two towers timed in interleaved rounds
+        rows = interleaved_medians(
+            {EAGER: lambda: eager(pixels), COMPILED: lambda: compiled(pixels)}, args.repeats, args.device
+        )
     print(
         f"vision tower forward, {args.device} {args.dtype}, {config.num_hidden_layers - 1} of "
         f"{config.num_hidden_layers} layers x {config.hidden_size}, {config.image_size} px / "

@@ -77,6 +77,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             log_norm = torch.logsumexp(logits, dim=-1)
             total += (log_norm - logits.gather(1, chunk_targets[:, None]).squeeze(1)).sum()
             if not (need_hidden or need_weight or need_bias):
+                del logits
                 continue
             # d CE / d logits = softmax - one_hot, computed in place of the logits.
             grad_logits = logits.sub_(log_norm[:, None]).exp_()
@@ -89,6 +90,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 grad_weight.addmm_(grad_logits.t(), chunk)
             if need_bias:
                 grad_bias.add_(grad_logits.sum(0))
+            # Free this chunk's logits before the next chunk allocates its own.
+            del logits, grad_logits
         ctx.grads = (grad_hidden, grad_weight, grad_bias)
         ctx.bias_dtype = bias.dtype if bias is not None else None
         return total / denominator

@@ -19,9 +19,11 @@ run() { # NAME ARGS...: one benchmark, its table kept in OUTPUT_DIR/NAME.txt
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv | tee "$out/device.txt"
 "$python" -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)' \
     | tee -a "$out/device.txt"
-# 1. projector fwd+bwd at CLIP-L/336 widths, H = 4096, batch 32 (144 and 64 tokens)
-run projector_s2 benchmarks/projector.py --device cuda --dtype bfloat16 --batch 32 --repeats 20
-run projector_s3 benchmarks/projector.py --device cuda --dtype bfloat16 --batch 32 --repeats 20 --scale 3
+# 1. projector fwd+bwd at CLIP-L/336 widths, H = 4096, batch 32 (144 and 64 tokens), eager and
+#    compiled; the vision tower forward, eager and compiled
+run projector_s2 benchmarks/projector.py --device cuda --dtype bfloat16 --batch 32 --repeats 20 --compile
+run projector_s3 benchmarks/projector.py --device cuda --dtype bfloat16 --batch 32 --repeats 20 --scale 3 --compile
+run vision benchmarks/vision.py --device cuda --dtype bfloat16 --batch 64 --repeats 20
 # 2. packed vs padded training steps at a bigger (not 7B) LLM
 run packing benchmarks/packing.py --device cuda --hidden 2048 --layers 8 --batch 16 --steps 20
 # 3. a 7B-shaped stage 2 and stage 1 step, 576 / 144 / 64 visual tokens (chunked loss, as the scripts)

@@ -184,9 +184,10 @@ def test_lora_under_zero3(parts, zero2_stage1, tmp_path) -> None:
 
 def test_plain_ddp_stage2(parts, zero2_stage1, tmp_path) -> None:
     # No DeepSpeed: torch DDP over gloo. Text-only batches still use the projector, so DDP
-    # never meets an unused trainable parameter.
+    # never meets an unused trainable parameter; the chunked loss hands the LM head's gradient
+    # to DDP's hooks like any other.
     output = tmp_path / "ddp"
-    torchrun(stage2_args(parts, output, zero2_stage1 / "projector.safetensors"))
+    torchrun(stage2_args(parts, output, zero2_stage1 / "projector.safetensors", "--loss_chunk_size", "16"))
     losses = logged_losses(output / "checkpoint-4")
     assert len(losses) == 4 and all(torch.isfinite(torch.tensor(losses)))
     assert TokenPackerLlavaForConditionalGeneration.from_pretrained(output).config.num_image_tokens == 36

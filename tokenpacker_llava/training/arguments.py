@@ -145,7 +145,7 @@ class TrainingArguments(transformers.TrainingArguments):
         default=None,
         metadata={
             "help": "Compute the loss from the LLM's hidden states on target positions only, this many "
-            "tokens at a time, never holding the full logits (e.g. 4096); unset: the LLM's own loss."
+            "tokens at a time, never holding the full logits (e.g. 2048); unset: the LLM's own loss."
         },
     )
     compile_parts: list[str] = field(

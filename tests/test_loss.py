@@ -138,6 +138,8 @@ def test_the_model_trains_with_the_same_loss_and_gradients(layout: str) -> None:
     assert grads.keys() == ref_grads.keys() and any("projector" in name for name in grads)
     for name, grad in grads.items():
         torch.testing.assert_close(grad, ref_grads[name], msg=name)
+    with pytest.raises(ValueError, match="shift_labels are not supported"):
+        chunked(**batch, shift_labels=batch["labels"])
     # Evaluation forwards keep returning logits.
     chunked.eval()
     with torch.no_grad():

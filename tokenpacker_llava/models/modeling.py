@@ -277,6 +277,10 @@ class TokenPackerLlavaForConditionalGeneration(TokenPackerLlavaPreTrainedModel, 
         **kwargs: Any,
     ) -> CausalLMOutputWithPast:
         """The LLM's decoder, then the loss from its hidden states; no logits are returned."""
+        if "shift_labels" in kwargs:
+            # transformers' loss would take them instead of shifting labels; the decoder would
+            # silently ignore them.
+            raise ValueError("shift_labels are not supported with the chunked loss; pass labels")
         outputs = self.language_model.base_model(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,

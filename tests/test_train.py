@@ -432,3 +432,31 @@ def test_compiled_vision_tower_and_projector_train_as_eager(parts, stage1_dir, t
     saved = TokenPackerLlavaForConditionalGeneration.from_pretrained(tmp_path / "compiled")
     for key, value in saved.state_dict().items():
         torch.testing.assert_close(value, compiled.state_dict()[key], msg=key)
+
+
+def test_bf16_without_deepspeed_casts_the_frozen_parts_a_run_does_not_save(
+    parts, stage1_dir, tmp_path
+) -> None:
+    # Stage 1 and LoRA save neither the tower nor the LLM: frozen, they are cast to bf16 once
+    # instead of under autocast at every step; what trains stays fp32 for the optimizer.
+    def dtypes(module: torch.nn.Module, trainable: bool | None = None) -> set[torch.dtype]:
+        return {p.dtype for p in module.parameters() if trainable is None or p.requires_grad == trainable}
+
+    fp32 = train(stage1_args(parts, tmp_path / "fp32", "--save_strategy", "no"))
+    bf16 = train(stage1_args(parts, tmp_path / "bf16", "--save_strategy", "no", "--bf16", "True"))
+    model = bf16.model
+    assert dtypes(model.language_model) == dtypes(model.vision_tower) == {torch.bfloat16}
+    assert dtypes(model.projector) == {torch.float32}
+    assert losses(bf16) == pytest.approx(losses(fp32), rel=5e-2)  # bf16 matmuls either way
+
+    projector = stage1_dir / "projector.safetensors"
+    lora_args = ("--lora_enable", "True", "--lora_r", "4", "--lora_alpha", "8", "--bf16", "True")
+    lora = train(stage2_args(parts, tmp_path / "lora", projector, *lora_args, "--save_strategy", "no"))
+    base = lora.model.get_base_model()
+    assert dtypes(base.language_model, trainable=False) == dtypes(base.vision_tower) == {torch.bfloat16}
+    assert dtypes(base.language_model, trainable=True) == {torch.float32}  # the adapters
+    assert all(torch.isfinite(torch.tensor(losses(lora))))
+
+    # A full stage-2 model is saved with its frozen tower: nothing is cast.
+    full = train(stage2_args(parts, tmp_path / "full", projector, "--bf16", "True", "--max_steps", "1"))
+    assert dtypes(full.model.vision_tower) == dtypes(full.model.language_model) == {torch.float32}

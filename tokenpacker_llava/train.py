@@ -32,6 +32,7 @@ from tokenpacker_llava.training.builder import (
     build_model,
     compile_parts,
     configure_image_mode,
+    half_precision_frozen_parts,
     load_image_processor,
     load_tokenizer,
 )
@@ -91,6 +92,8 @@ def run(
         train_vision=model_args.unfreeze_mm_vision_tower,
         train_llm=not training_args.lora_enable,
     )
+    full_model = stage == "finetune" and not training_args.lora_enable
+    half_precision_frozen_parts(model, training_args, saves_frozen_parts=full_model)
     if training_args.gradient_checkpointing and training_args.gradient_checkpointing_kwargs is None:
         # Non-reentrant checkpointing needs no inputs that require grad, so frozen
         # embeddings (stage 1, LoRA) work without hooks.

@@ -9,12 +9,12 @@ from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
-from tokenpacker_llava.data.images import ImagePreprocessor, reference_image_processor
+from tokenpacker_llava.data.images import reference_image_processor
 from tokenpacker_llava.data.records import BadSample, parse_record
-from tokenpacker_llava.data.slicing import plan_slices, slice_layout
 from tokenpacker_llava.data.sources import MixedRecords, parse_data_path
 from tokenpacker_llava.data.templates import ConversationTemplate
 from tokenpacker_llava.data.tokenize import tokenize_conversation
+from tokenpacker_llava.data.visual_inputs import ImageLoader, ImageMode
 from tokenpacker_llava.tokenization import slice_separator_ids
 
 IGNORE_INDEX = -100
@@ -57,27 +57,24 @@ def show_sample(
     expansion: dict[str, Any] = {"tokens_per_image": tokens_per_image}
     grids = []
     if patch_num is not None:
-        images = ImagePreprocessor(
-            image_processor or reference_image_processor(), image_folder=source.image_folder
+        mode = ImageMode(
+            "slice",
+            image_token_id=image_token_id,
+            tokens_per_view=tokens_per_image,
+            patch_num=patch_num,
+            separator_ids=slice_separator_ids(tokenizer),
         )
-        separators = slice_separator_ids(tokenizer)
+        images = ImageLoader(
+            image_processor or reference_image_processor(), mode, image_folder=source.image_folder
+        )
         layouts = []
         for path in record.images:
             try:
-                width, height = images.image_size(path)
+                plan = images.plan_path(path)
             except BadSample as error:
                 raise error.at(record.row, record.id) from None
-            plan = plan_slices(height, width, patch_num, images.size)
             grids.append(f"{plan.rows}x{plan.cols}")
-            layouts.append(
-                slice_layout(
-                    plan.rows,
-                    plan.cols,
-                    image_token_id=image_token_id,
-                    tokens_per_view=tokens_per_image,
-                    separator_ids=separators,
-                )
-            )
+            layouts.append(images.token_ids(plan))
         expansion = {"image_expansions": layouts}
     sample = tokenize_conversation(
         record.turns,

@@ -138,6 +138,18 @@ def test_zero3_loads_a_projector_into_partitioned_parameters(
         torch.testing.assert_close(final[key], value, msg=key)  # lr 0: exactly what was loaded
 
 
+def resumed_losses(args: list[str], full: Path, tmp_path: Path) -> list[float]:
+    """Losses of a run resumed from ``full``'s step-2 checkpoint, copied to a fresh folder (a
+    run stopped after step 2 is exactly that checkpoint)."""
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(full / "checkpoint-2", resumed / "checkpoint-2")
+    args = list(args)
+    args[args.index("--output_dir") + 1] = str(resumed)
+    torchrun([*args, "--resume_from_checkpoint", "auto"])
+    return logged_losses(resumed / "checkpoint-4")
+
+
 def test_zero2_resume_continues_exactly(parts, zero2_stage1, tmp_path) -> None:
     full = tmp_path / "full"
     args = stage2_args(
@@ -145,14 +157,32 @@ def test_zero2_resume_continues_exactly(parts, zero2_stage1, tmp_path) -> None:
     )
     torchrun(args)
     expected = logged_losses(full / "checkpoint-4")
-    # A run stopped after step 2 is exactly this checkpoint: resume from it elsewhere.
-    resumed = tmp_path / "resumed"
-    resumed.mkdir()
-    shutil.copytree(full / "checkpoint-2", resumed / "checkpoint-2")
-    args[args.index("--output_dir") + 1] = str(resumed)
-    torchrun([*args, "--resume_from_checkpoint", "auto"])
-    actual = logged_losses(resumed / "checkpoint-4")
-    assert actual == pytest.approx(expected, rel=1e-5, abs=1e-6)
+    assert resumed_losses(args, full, tmp_path) == pytest.approx(expected, rel=1e-5, abs=1e-6)
+
+
+@pytest.mark.parametrize("config", ["zero2", "zero3"])
+def test_stage1_deepspeed_checkpoints_hold_only_the_projector_and_resume_exactly(
+    parts, zero2_stage1, config, tmp_path
+) -> None:
+    if config == "zero2":
+        full, args = zero2_stage1, stage1_args(parts, zero2_stage1, "--deepspeed", "configs/zero2.json")
+    else:
+        full = tmp_path / "full"
+        args = stage1_args(parts, full, "--deepspeed", "configs/zero3.json")
+        torchrun(args)
+    # DeepSpeed's module states would otherwise hold the frozen tower and LLM, and its frozen
+    # fragments a second copy: 27 GB per checkpoint at 7B.
+    # (ZeRO-2 writes mp_rank_00_model_states.pt, ZeRO-3 one zero_pp_rank_N_... per rank.)
+    files = sorted((full / "checkpoint-2").glob("global_step*/*model_states.pt"))
+    assert len(files) == (1 if config == "zero2" else 2)
+    for states in files:
+        saved = torch.load(states, map_location="cpu", weights_only=False)  # our own file
+        assert saved["module"] and all(key.startswith("projector.") for key in saved["module"])
+        assert saved.get("frozen_param_fragments") is None
+    # Resuming restores the projector and its optimizer; the frozen parts come from their
+    # pretrained sources, as when the run started.
+    expected = logged_losses(full / "checkpoint-4")
+    assert resumed_losses(args, full, tmp_path) == pytest.approx(expected, rel=1e-5, abs=1e-6)
 
 
 def test_lora_under_zero3(parts, zero2_stage1, tmp_path) -> None:

@@ -6,7 +6,8 @@
 - tokens/s and the visual-token share in the logs;
 - checkpoints that are marked complete only when written, rotated only among complete ones,
   each with the small ``projector.safetensors`` for the next stage; in stage 1 (frozen
-  backbones) a checkpoint holds the trainable projector instead of the whole model.
+  backbones) a checkpoint holds the trainable projector instead of the whole model, with or
+  without DeepSpeed.
 """
 
 from __future__ import annotations
@@ -19,8 +20,10 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from accelerate.utils import DeepSpeedSchedulerWrapper
 from torch import nn
 from transformers import Trainer
+from transformers.trainer import SCHEDULER_NAME
 from transformers.trainer_pt_utils import get_parameter_names
 
 from tokenpacker_llava.data.sampler import ModalityLengthGroupedSampler
@@ -47,6 +50,11 @@ class TokenPackerTrainer(Trainer):
         self._tokens = 0
         self._visual_tokens = 0
         self._window_start = time.perf_counter()
+        if trainable_only_checkpoints and self.is_deepspeed_enabled:
+            # transformers resumes DeepSpeed checkpoints with a strict module load; the frozen
+            # parameters are absent from ours (see _save_optimizer_and_scheduler) and stay as
+            # the run loaded them from their pretrained sources.
+            self.model.register_load_state_dict_post_hook(_frozen_parameters_may_be_missing)
 
     # -- data -----------------------------------------------------------------------------------
     def _get_train_sampler(self, train_dataset=None):
@@ -147,6 +155,16 @@ class TokenPackerTrainer(Trainer):
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
 
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        if not (self.trainable_only_checkpoints and self.is_deepspeed_enabled):
+            return super()._save_optimizer_and_scheduler(output_dir)
+        # DeepSpeed's own checkpoint would hold the frozen tower and LLM twice (module states and,
+        # under ZeRO-2/3, the frozen fragments): about 27 GB per 7B stage-1 checkpoint instead of
+        # the projector and its optimizer state (0.5 GB).
+        self.model_wrapped.save_checkpoint(output_dir, exclude_frozen_parameters=True)
+        if self.args.should_save and not isinstance(self.lr_scheduler, DeepSpeedSchedulerWrapper):
+            torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, SCHEDULER_NAME))
+
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         if Path(resume_from_checkpoint, TRAINABLE_ONLY_MARKER).is_file() and not self.is_deepspeed_enabled:
             load_projector(model or self.model, Path(resume_from_checkpoint) / PROJECTOR_FILE)
@@ -169,3 +187,9 @@ class TokenPackerTrainer(Trainer):
         logger.warning("%d bad sample(s) were skipped during training:", len(skipped))
         for description in sorted(skipped):
             logger.warning("  %s", description)
+
+
+def _frozen_parameters_may_be_missing(module: nn.Module, incompatible_keys: Any) -> None:
+    """``load_state_dict`` post-hook: a missing key is no error when it names a frozen parameter."""
+    frozen = {name for name, parameter in module.named_parameters() if not parameter.requires_grad}
+    incompatible_keys.missing_keys[:] = [key for key in incompatible_keys.missing_keys if key not in frozen]

@@ -247,6 +247,8 @@ tp_training_defaults() {
     PACKING=${PACKING:-True} # padding-free rows (flash-attn varlen, or per-sample SDPA without it)
     LOSS_CHUNK_SIZE=${LOSS_CHUNK_SIZE-2048} # loss without the full logits; empty: the LLM's own loss
     RESUME=${RESUME-auto} # empty: start over (no --resume_from_checkpoint)
+    EVAL_DATA_PATH=${EVAL_DATA_PATH:-} # held-out data: its loss every EVAL_STEPS and at the end
+    EVAL_STEPS=${EVAL_STEPS:-$SAVE_STEPS}
     RUN_NAME=${RUN_NAME:-$(basename "$OUTPUT_DIR")}
     tp_require_positive GLOBAL_BATCH PER_DEVICE_BATCH
     tp_grad_accum "$GLOBAL_BATCH" "$PER_DEVICE_BATCH"
@@ -261,8 +263,13 @@ tp_show() { # NAME...: print the resolved settings
 
 # The recipe options both stages share, into TP_ARGS (the stage script adds its own).
 tp_common_args() {
-    local -a data_paths
+    local -a data_paths eval_paths eval_args=()
     read -ra data_paths <<<"$DATA_PATH" # several files: "a.json b.json:0.5"
+    if [[ -n "$EVAL_DATA_PATH" ]]; then
+        read -ra eval_paths <<<"$EVAL_DATA_PATH"
+        eval_args=(--eval_data_path "${eval_paths[@]}" --eval_strategy steps --eval_steps "$EVAL_STEPS"
+            --per_device_eval_batch_size "$PER_DEVICE_BATCH")
+    fi
     TP_ARGS=(
         --deepspeed "$DEEPSPEED_CONFIG"
         --model_name_or_path "$LLM"
@@ -298,6 +305,7 @@ tp_common_args() {
         --dataloader_num_workers "$NUM_WORKERS"
         --report_to "$REPORT_TO"
         ${RESUME:+--resume_from_checkpoint "$RESUME"}
+        ${eval_args[@]+"${eval_args[@]}"}
     )
 }
 

@@ -22,6 +22,12 @@ def test_quick_demo_runs_end_to_end(tmp_path, capsys) -> None:
     model = TokenPackerLlavaForConditionalGeneration.from_pretrained(tmp_path / "stage2")
     assert model.config.projector_type == "tokenpacker" and model.num_image_tokens == 16
     assert (tmp_path / "stage1" / "projector.safetensors").is_file()
+    # Stage 2 evaluates held-out conversations (eval_steps 1 with 2 steps: steps 1 and 2).
+    assert [step for step, _ in results["validation_loss"]] == [1, 2]
+    assert "stage-2 loss on held-out conversations" in out
+    assert (tmp_path / "stage2" / "training_curves.png").is_file()
+    # Stage 1 logs every 10 steps: its 2 quick steps log nothing to draw, which is no error.
+    assert not (tmp_path / "stage1" / "training_curves.png").exists()
 
 
 def test_quick_demo_in_slice_mode(tmp_path, capsys) -> None:

@@ -99,8 +99,17 @@ def packed_stage2(parts, stage1: Path, output: Path, deepspeed_config: str, *ext
 def zero3_stage2(parts, zero2_stage1, tmp_path_factory) -> Path:
     # The chunked loss (as the stage scripts default): the LM head's weight is partitioned and
     # gathered by the model's own forward/backward, never by the head's.
+    # Held-out loss every 2 steps, split over the ranks, the chunked loss computing it too.
     output = tmp_path_factory.mktemp("z3_stage2")
-    return packed_stage2(parts, zero2_stage1, output, "configs/zero3.json", "--loss_chunk_size", "16")
+    return packed_stage2(
+        parts,
+        zero2_stage1,
+        output,
+        "configs/zero3.json",
+        "--loss_chunk_size",
+        "16",
+        *("--eval_data_path", str(parts["captions"]), "--eval_strategy", "steps", "--eval_steps", "2"),
+    )
 
 
 def test_zero2_stage1_then_zero3_stage2(zero2_stage1, zero3_stage2) -> None:
@@ -108,6 +117,11 @@ def test_zero2_stage1_then_zero3_stage2(zero2_stage1, zero3_stage2) -> None:
     assert len(logged_losses(zero2_stage1 / "checkpoint-4")) == 4
     losses = logged_losses(zero3_stage2 / "checkpoint-4")
     assert len(losses) == 4 and all(torch.isfinite(torch.tensor(losses)))
+    state = json.loads((zero3_stage2 / "trainer_state.json").read_text())
+    evaluated = {entry["step"]: entry["eval_loss"] for entry in state["log_history"] if "eval_loss" in entry}
+    assert evaluated.keys() == {2, 4} and all(0 < loss < 20 for loss in evaluated.values())
+    results = json.loads((zero3_stage2 / "eval_results.json").read_text())
+    assert results["eval_loss"] == evaluated[4]
     # ZeRO-3 gathered the 16-bit weights for the final save: a complete, loadable model.
     model, info = TokenPackerLlavaForConditionalGeneration.from_pretrained(
         zero3_stage2, output_loading_info=True

@@ -140,7 +140,14 @@ def test_the_model_trains_with_the_same_loss_and_gradients(layout: str) -> None:
         torch.testing.assert_close(grad, ref_grads[name], msg=name)
     with pytest.raises(ValueError, match="shift_labels are not supported"):
         chunked(**batch, shift_labels=batch["labels"])
-    # Evaluation forwards keep returning logits.
+    # Evaluation forwards keep returning logits, unless only the loss is asked for.
     chunked.eval()
     with torch.no_grad():
-        torch.testing.assert_close(chunked(**batch).logits, reference.eval()(**batch).logits)
+        full, expected = chunked(**batch), reference.eval()(**batch)
+        torch.testing.assert_close(full.logits, expected.logits)
+        torch.testing.assert_close(full.loss, expected.loss)
+        loss_only = chunked(**batch, loss_only=True)
+        assert loss_only.logits is None
+        torch.testing.assert_close(loss_only.loss, expected.loss)
+        # Without a chunk size, loss_only changes nothing.
+        torch.testing.assert_close(reference(**batch, loss_only=True).logits, expected.logits)

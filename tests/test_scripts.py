@@ -572,6 +572,17 @@ def test_resume(run) -> None:
     assert "--resume_from_checkpoint" not in train_args(run("pretrain", {"RESUME": ""}).cmd)
 
 
+@pytest.mark.parametrize("stage", STAGES)
+def test_held_out_evaluation(run, stage: str) -> None:
+    assert "--eval_data_path" not in train_args(run(stage).cmd)  # off unless asked for
+    args = train_args(run(stage, {"EVAL_DATA_PATH": "val.json more_val.jsonl", "SAVE_STEPS": "300"}).cmd)
+    assert values(args, "--eval_data_path") == ["val.json", "more_val.jsonl"]
+    assert option(args, "--eval_strategy") == "steps" and option(args, "--eval_steps") == "300"
+    assert option(args, "--per_device_eval_batch_size") == option(args, "--per_device_train_batch_size")
+    args = train_args(run(stage, {"EVAL_DATA_PATH": "val.json", "EVAL_STEPS": "50"}).cmd)
+    assert option(args, "--eval_steps") == "50"
+
+
 def test_runs_from_any_directory(run, tmp_path: Path) -> None:
     elsewhere = tmp_path / "somewhere" / "else"
     elsewhere.mkdir(parents=True)

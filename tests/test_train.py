@@ -233,6 +233,8 @@ BAD_OPTIONS = [
     (["--loss_chunk_size", "0"], "--loss_chunk_size 0: must be positive"),
     (["--compile_parts", "llm"], "--compile_parts \\['llm'\\]: choose from"),
     (["--compile_parts", "projector", "--deepspeed", "configs/zero3.json"], "does not work under ZeRO-3"),
+    (["--eval_strategy", "steps"], "--eval_strategy steps needs --eval_data_path"),
+    (["--eval_data_path", "held_out.json"], "--eval_data_path held_out.json: file not found"),
 ]
 
 
@@ -246,6 +248,11 @@ def test_bad_options_fail_before_any_model_is_loaded(parts, tmp_path, extra, mes
     monkeypatch.setattr(entry, "run", no_loading)
     with pytest.raises(ValueError, match=message):
         main(stage1_args(parts, tmp_path / "x", *extra))
+
+
+def test_held_out_data_is_read_once(parts, tmp_path) -> None:
+    with pytest.raises(ValueError, match="evaluation reads every row once \\(no weights\\)"):
+        main(stage1_args(parts, tmp_path / "x", "--eval_data_path", f"{parts['captions']}:2"))
 
 
 def test_unknown_options_and_config_files(parts, tmp_path) -> None:
@@ -398,19 +405,52 @@ def test_skip_policy_through_the_entry_point(parts, stage1_dir, tmp_path, caplog
 def test_packed_and_chunked_loss_training_match_padded_training(parts, stage1_dir, tmp_path) -> None:
     # The same batches (same seed and sampler) in either layout, and with the chunked loss: the
     # same losses step by step, through the Trainer (its num_items_in_batch), the packed
-    # collator's sample boundaries and sdpa_varlen.
-    runs = {}
+    # collator's sample boundaries and sdpa_varlen. The held-out loss too: evaluated every 2
+    # steps (the chunked loss computing it without logits), or once at the end.
+    held_out = tmp_path / "held_out.json"
+    held_out.write_text(json.dumps(json.loads(parts["instructions"].read_text())[:7]))
+    runs, trainers = {}, {}
     for name, extra in (
         ("padded", ["--packing", "False"]),
-        ("packed", ["--packing", "True"]),
-        ("packed, chunked loss", ["--packing", "True", "--loss_chunk_size", "7"]),
+        ("packed", ["--packing", "True", "--eval_strategy", "steps", "--eval_steps", "2"]),
+        (
+            "packed, chunked loss",
+            ["--packing", "True", "--loss_chunk_size", "7", "--eval_strategy", "steps", "--eval_steps", "2"],
+        ),
     ):
         output = tmp_path / name.replace(", ", "-").replace(" ", "_")
-        argv = stage2_args(parts, output, stage1_dir / "projector.safetensors", "--save_strategy", "no")
-        runs[name] = losses(train([*argv, *extra]))
+        argv = stage2_args(
+            parts,
+            output,
+            stage1_dir / "projector.safetensors",
+            "--save_strategy",
+            "no",
+            "--eval_data_path",
+            str(held_out),
+            "--per_device_eval_batch_size",
+            "3",
+        )
+        trainers[name] = train([*argv, *extra])
+        runs[name] = losses(trainers[name])
     assert len(runs["packed"]) == 4
     for name in ("packed", "packed, chunked loss"):
         assert runs[name] == pytest.approx(runs["padded"], rel=1e-4, abs=1e-5), name
+
+    def eval_losses(name: str) -> dict[int, float]:
+        return {e["step"]: e["eval_loss"] for e in trainers[name].state.log_history if "eval_loss" in e}
+
+    assert eval_losses("padded").keys() == {4}  # no --eval_strategy: once, at the end
+    for name in ("packed", "packed, chunked loss"):
+        assert eval_losses(name).keys() == {2, 4}  # the step-4 evaluation is not repeated at the end
+        assert eval_losses(name)[4] == pytest.approx(eval_losses("padded")[4], rel=1e-4), name
+    assert eval_losses("packed, chunked loss")[2] == pytest.approx(eval_losses("packed")[2], rel=1e-4)
+    assert trainers["padded"]._tokens == 0  # evaluation batches are not counted as training tokens
+    output = Path(trainers["packed"].args.output_dir)
+    results = json.loads((output / "eval_results.json").read_text())
+    assert results["eval_loss"] == eval_losses("packed")[4]
+    assert json.loads((output / "train_results.json").read_text())["train_loss"] > 0
+    assert (output / "trainer_state.json").is_file()
+    assert (output / "training_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_compiled_vision_tower_and_projector_train_as_eager(parts, stage1_dir, tmp_path) -> None:

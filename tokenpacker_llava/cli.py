@@ -252,12 +252,52 @@ def _run_push(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_plot(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "plot",
+        help="draw training curves (loss, eval loss, lr, grad norm, tokens/s) of one or more runs as a PNG",
+        description="Reads each run's trainer_state.json (the run folder's, else its newest checkpoint's, so "
+        "a run in progress works too) and draws the runs overlaid.",
+    )
+    parser.add_argument("runs", nargs="+", help="run folders, checkpoint folders or trainer_state.json files")
+    parser.add_argument(
+        "--output", help="PNG path (default: training_curves.png in the only run, else in the current folder)"
+    )
+    parser.add_argument(
+        "--smoothing", type=float, default=0.9, help="EMA weight for the training loss (0: off)"
+    )
+    parser.set_defaults(func=_run_plot)
+
+
+def _run_plot(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from tokenpacker_llava.training.curves import CURVES_FILE, find_log_history, plot_training_curves
+
+    if not 0 <= args.smoothing < 1:
+        raise SystemExit(f"--smoothing {args.smoothing}: must be in [0, 1)")
+    runs = {}
+    for run in args.runs:
+        history, source = find_log_history(run)
+        label = Path(run).resolve().name
+        runs[label if label not in runs else str(run)] = history
+        print(f"{run}: {len(history)} log entries from {source}")
+    default = (
+        Path(args.runs[0]) / CURVES_FILE
+        if len(args.runs) == 1 and Path(args.runs[0]).is_dir()
+        else CURVES_FILE
+    )
+    print(plot_training_curves(runs, args.output or default, smoothing=args.smoothing))
+    return 0
+
+
 SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
     _add_train,
     _add_merge_lora,
     _add_data,
     _add_convert,
     _add_push,
+    _add_plot,
     _add_projectors,
     add_chat,
     add_answer,

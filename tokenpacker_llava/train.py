@@ -37,6 +37,7 @@ from tokenpacker_llava.training.builder import (
     load_tokenizer,
 )
 from tokenpacker_llava.training.checkpoints import PreemptionCallback, resolve_resume
+from tokenpacker_llava.training.curves import CURVES_FILE, plot_training_curves, plottable
 from tokenpacker_llava.training.projector_io import PROJECTOR_FILE, load_projector, save_projector
 from tokenpacker_llava.training.stages import configure_stage, parameter_table
 from tokenpacker_llava.training.trainer import TokenPackerTrainer
@@ -138,6 +139,15 @@ def run(
         )
     else:
         dataset = build_dataset(sources, builder, on_bad_sample=data_args.on_bad_sample)
+    eval_dataset = (
+        build_dataset(
+            parse_data_path(data_args.eval_data_path, data_args.image_folder),
+            builder,
+            on_bad_sample=data_args.on_bad_sample,
+        )
+        if data_args.eval_data_path
+        else None
+    )
     # Packed rows carry their sample boundaries (cu_seq_lens, max_length) so flash-attn's varlen
     # kernel and sdpa_varlen read them directly instead of deriving them from position_ids.
     collator = (
@@ -148,6 +158,8 @@ def run(
 
     # Samples carry metadata (row, id, skipped rows) the collator consumes: keep every column.
     training_args.remove_unused_columns = False
+    # Evaluation measures the loss only (no metric needs logits, which the chunked loss skips).
+    training_args.prediction_loss_only = True
     # The final folder is pushed once, complete (remote code, card), by save_final rather
     # than by the Trainer at every save.
     push_to = (
@@ -166,16 +178,30 @@ def run(
         model=model,
         args=training_args,
         train_dataset=dataset,
+        eval_dataset=eval_dataset,
         data_collator=collator,
         processing_class=tokenizer,
         callbacks=[PreemptionCallback(), *(callbacks or [])],
         image_token_id=image_token_id,
         trainable_only_checkpoints=stage == "pretrain",
     )
-    trainer.train(resume_from_checkpoint=resume)
+    result = trainer.train(resume_from_checkpoint=resume)
+    trainer.save_metrics("train", result.metrics)
+    if eval_dataset is not None:
+        trainer.save_metrics("eval", final_evaluation(trainer))
     trainer.report_skipped()
     save_final(trainer, model_args, data_args, training_args, push_to)
     return trainer
+
+
+def final_evaluation(trainer: TokenPackerTrainer) -> dict[str, float]:
+    """The evaluation metrics at the last step: logged already if --eval_strategy ended there,
+    else measured now."""
+    step = trainer.state.global_step
+    for entry in reversed(trainer.state.log_history):
+        if entry.get("step") == step and "eval_loss" in entry:
+            return {key: value for key, value in entry.items() if key.startswith("eval_")}
+    return trainer.evaluate()
 
 
 def save_final(
@@ -192,6 +218,18 @@ def save_final(
     output_dir = Path(training_args.output_dir)
     trainer.save_model(str(output_dir))
     save_projector(trainer.model, output_dir / PROJECTOR_FILE)
+    trainer.save_state()
+    if training_args.should_save and not plottable(trainer.state.log_history):
+        logger.info(
+            "no training metrics were logged (--logging_steps %s): no curves", training_args.logging_steps
+        )
+    elif training_args.should_save:
+        curves = plot_training_curves(
+            {output_dir.name: trainer.state.log_history},
+            output_dir / CURVES_FILE,
+            title=f"{model_args.stage}: {output_dir}",
+        )
+        logger.info("training curves: %s", curves)
     full_model = model_args.stage == "finetune" and not training_args.lora_enable
     if training_args.should_save and full_model:
         load_image_processor(model_args).save_pretrained(output_dir)

@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from tokenpacker_llava.demo import parts, synthetic
+from tokenpacker_llava.training.curves import CURVES_FILE
 
 logger = logging.getLogger("tokenpacker_llava.demo")
 REPO = Path(__file__).resolve().parents[2]
@@ -33,6 +34,8 @@ class DemoSettings:
     seed: int = 0
     train_images: int = 3000
     eval_questions: int = 400
+    validation_conversations: int = 200  # held-out stage-2 conversations: the eval loss
+    eval_steps: int = 100
     vocab_size: int = 512
     llm_hidden: int = 128
     llm_layers: int = 2
@@ -52,7 +55,16 @@ class DemoSettings:
 
     @classmethod
     def quick(cls) -> DemoSettings:
-        return cls(train_images=48, eval_questions=16, llm_steps=5, vision_steps=5, llm_layers=1, max_steps=2)
+        return cls(
+            train_images=48,
+            eval_questions=16,
+            validation_conversations=6,
+            eval_steps=1,
+            llm_steps=5,
+            vision_steps=5,
+            llm_layers=1,
+            max_steps=2,
+        )
 
 
 def _free_port() -> int:
@@ -179,6 +191,7 @@ def prepare(output_dir: Path, settings: DemoSettings) -> Prepared:
     logger.info("1/4 generating the synthetic dataset in %s", data)
     synthetic.write_split(data, "captions", settings.train_images, settings.seed)
     synthetic.write_split(data, "instructions", settings.train_images, settings.seed)
+    synthetic.write_split(data, "validation", settings.validation_conversations, settings.seed)
     synthetic.write_split(data, "eval", settings.eval_questions, settings.seed)
 
     logger.info("2/4 making the tokenizer, the tiny LLM and the tiny vision tower")
@@ -236,6 +249,8 @@ def run_demo(output_dir: Path, settings: DemoSettings) -> dict:
             "LR": "1e-3",
             "EPOCHS": str(settings.stage2_epochs),
             "PRETRAINED_PROJECTOR": str(stage1 / "projector.safetensors"),
+            "EVAL_DATA_PATH": str(data / "validation.json"),
+            "EVAL_STEPS": str(settings.eval_steps),
         },
         ["--seed", str(settings.seed), "--group_by_modality_length", "False"],
         settings,
@@ -247,9 +262,16 @@ def run_demo(output_dir: Path, settings: DemoSettings) -> dict:
     table, results = results_table(questions, answers)
     sample = questions[0]
     elapsed = time.perf_counter() - started
+    # The stage-2 loss on held-out conversations, every eval_steps steps and at the end.
+    validation = [
+        (entry["step"], round(entry["eval_loss"], 4))
+        for entry in json.loads((stage2 / "trainer_state.json").read_text())["log_history"]
+        if "eval_loss" in entry
+    ]
     summary = {
         "settings": asdict(settings),
         "results": results,
+        "validation_loss": validation,
         "seconds": round(elapsed, 1),
         "model": str(stage2),
     }
@@ -259,6 +281,11 @@ def run_demo(output_dir: Path, settings: DemoSettings) -> dict:
     print(
         f"\nchat sample ({sample['image']}):\n  USER: {sample['text']}\n  ASSISTANT: {answers[0]}   (expected: {sample['answer']})"
     )
+    print(
+        "\nstage-2 loss on held-out conversations (step: loss): "
+        + ", ".join(f"{s}: {v}" for s, v in validation)
+    )
+    print(f"training curves: {stage1 / CURVES_FILE}, {stage2 / CURVES_FILE}")
     print(f"\ntrained model: {stage2}\nresults: {output_dir / 'results.json'}   total time {elapsed:.0f} s")
     return summary
 

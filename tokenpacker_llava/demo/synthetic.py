@@ -139,7 +139,7 @@ def write_split(folder: Path, split: str, count: int, seed: int) -> Path:
         render(scene, rng).save(images / name)
         if split == "captions":
             records.append(_record(f"{split}-{index}", name, caption_turns(scene)))
-        elif split == "instructions":
+        elif split in ("instructions", "validation"):
             records.append(_record(f"{split}-{index}", name, instruction_turns(scene, rng)))
         else:
             kind = QUESTION_TYPES[index % len(QUESTION_TYPES)]

@@ -158,7 +158,8 @@ class TokenPackerLlavaForConditionalGeneration(TokenPackerLlavaPreTrainedModel, 
         """Train with ``chunked_causal_lm_loss`` (LM head on target positions only, ``chunk_size``
         tokens at a time, never the full logits) instead of the LLM's own loss; None: the LLM's.
 
-        Applies to training forwards with labels; evaluation and generation return logits as usual.
+        Applies to training forwards with labels, and to evaluation forwards called with
+        ``loss_only=True``; other forwards and generation return logits as usual.
         """
         if chunk_size is not None:
             if chunk_size <= 0:
@@ -242,8 +243,14 @@ class TokenPackerLlavaForConditionalGeneration(TokenPackerLlavaPreTrainedModel, 
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        loss_only: bool = False,
         **kwargs: Any,
     ) -> CausalLMOutputWithPast:
+        """The LLM's forward on the embedded text and images.
+
+        ``loss_only``: the caller reads only the loss (e.g. an evaluation loop), so with labels and
+        a chunk size set (``use_chunked_loss``) no logits are computed, as in training.
+        """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
@@ -254,7 +261,7 @@ class TokenPackerLlavaForConditionalGeneration(TokenPackerLlavaPreTrainedModel, 
             # Training needs no KV cache, and a cache would stop transformers from building the
             # per-sample mask of packed rows (it only does so for cache-free forwards).
             use_cache = False
-        if labels is not None and self.training and self.loss_chunk_size is not None:
+        if labels is not None and self.loss_chunk_size is not None and (self.training or loss_only):
             return self._chunked_loss_forward(inputs_embeds, attention_mask, position_ids, labels, **kwargs)
         return self.language_model(
             inputs_embeds=inputs_embeds,

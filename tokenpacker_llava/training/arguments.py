@@ -107,7 +107,16 @@ class DataArguments:
     patch_num: int = field(
         default=9, metadata={"help": f"slice mode: the most tiles per image, one of {SLICE_PATCH_NUMS}."}
     )
-    streaming: bool = field(default=False, metadata={"help": "Stream the data instead of loading it."})
+    eval_data_path: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Held-out LLaVA data (as --data_path, without weights) whose loss is evaluated at "
+            "--eval_strategy and once at the end of training."
+        },
+    )
+    streaming: bool = field(
+        default=False, metadata={"help": "Stream the training data instead of loading it."}
+    )
     on_bad_sample: str = field(
         default="error", metadata={"help": "error: stop at a bad row; skip: log and count."}
     )
@@ -307,12 +316,27 @@ def validate(model_args: ModelArguments, data_args: DataArguments, training_args
         training_args.loss_chunk_size is None or training_args.loss_chunk_size > 0,
         f"--loss_chunk_size {training_args.loss_chunk_size}: must be positive (or unset)",
     )
-    try:
-        for source in parse_data_path(data_args.data_path, data_args.image_folder):
-            if source.path.endswith((".json", ".jsonl")):
-                check(Path(source.path).is_file(), f"--data_path {source.path}: file not found")
-    except ValueError as error:
-        errors.append(f"--data_path: {error}")
+    for option, paths in (
+        ("--data_path", data_args.data_path),
+        ("--eval_data_path", data_args.eval_data_path),
+    ):
+        if paths is None:
+            continue
+        try:
+            for source in parse_data_path(paths, data_args.image_folder):
+                if source.path.endswith((".json", ".jsonl")):
+                    check(Path(source.path).is_file(), f"{option} {source.path}: file not found")
+                if option == "--eval_data_path":
+                    check(
+                        source.weight == 1,
+                        f"{option} {source.path}: evaluation reads every row once (no weights)",
+                    )
+        except ValueError as error:
+            errors.append(f"{option}: {error}")
+    check(
+        training_args.eval_strategy == "no" or data_args.eval_data_path is not None,
+        f"--eval_strategy {training_args.eval_strategy.value} needs --eval_data_path",
+    )
     if data_args.image_folder is not None:
         check(
             Path(data_args.image_folder).is_dir(), f"--image_folder {data_args.image_folder}: not a directory"

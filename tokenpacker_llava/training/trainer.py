@@ -97,6 +97,16 @@ class TokenPackerTrainer(Trainer):
         skipped = inputs.pop("skipped_samples", None)
         if skipped:
             self.skipped_samples.update(skipped)
+        if model.training:
+            self._count_tokens(inputs)
+        elif self.args.prediction_loss_only:
+            # Evaluation keeps only the loss: the chunked loss (when set) skips the logits.
+            inputs = {**inputs, "loss_only": True}
+        return super().compute_loss(
+            model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+        )
+
+    def _count_tokens(self, inputs: dict[str, Any]) -> None:
         input_ids = inputs["input_ids"]
         real = (
             inputs["attention_mask"].bool()
@@ -106,9 +116,6 @@ class TokenPackerTrainer(Trainer):
         self._tokens += int(real.sum())
         if self.image_token_id is not None:
             self._visual_tokens += int(((input_ids == self.image_token_id) & real).sum())
-        return super().compute_loss(
-            model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
-        )
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs:

@@ -10,7 +10,13 @@ import pytest
 from PIL import Image
 
 from tokenpacker_llava.cli import main as cli
-from tokenpacker_llava.training.curves import find_log_history, plot_training_curves, series, smoothed
+from tokenpacker_llava.training.curves import (
+    auto_smoothing,
+    find_log_history,
+    plot_training_curves,
+    series,
+    smoothed,
+)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -46,9 +52,11 @@ def test_series_takes_finite_values_of_one_key() -> None:
     assert series(entries, "grad_norm") == ([], [])
 
 
-def test_smoothing_is_bias_corrected() -> None:
+def test_smoothing_is_bias_corrected_and_scales_with_the_run() -> None:
     assert smoothed([4.0, 4.0, 4.0], 0.9) == pytest.approx([4.0, 4.0, 4.0])  # no pull towards 0
     assert smoothed([1.0, 3.0], 0.0) == [1.0, 3.0]
+    assert auto_smoothing(0) == auto_smoothing(30) == 0.0 and auto_smoothing(60) == 0.5
+    assert auto_smoothing(300) == pytest.approx(0.9) and auto_smoothing(3000) == pytest.approx(0.99)
 
 
 def test_the_log_history_of_a_finished_run_a_run_in_progress_and_a_file(tmp_path) -> None:

@@ -250,6 +250,24 @@ def test_bad_options_fail_before_any_model_is_loaded(parts, tmp_path, extra, mes
         main(stage1_args(parts, tmp_path / "x", *extra))
 
 
+class SlowEvaluation(TrainerCallback):
+    def on_evaluate(self, args, state, control, **kwargs):
+        time.sleep(2.0)
+
+
+def test_tokens_per_second_leaves_evaluation_time_out(parts, tmp_path) -> None:
+    # Step 2 logs, then evaluates (2 s longer than its work); the window logged at step 3 spans
+    # that evaluation, yet measures training like the other steps (each well under 2 s).
+    argv = stage1_args(
+        parts, tmp_path / "out", "--eval_data_path", str(parts["captions"]), "--eval_strategy", "steps"
+    )
+    argv += ["--eval_steps", "2", "--save_strategy", "no"]
+    trainer = train(argv, callbacks=[SlowEvaluation()])
+    rates = {e["step"]: e["tokens_per_second"] for e in trainer.state.log_history if "tokens_per_second" in e}
+    assert rates.keys() == {1, 2, 3, 4}
+    assert rates[3] > 0.5 * min(rates[1], rates[2], rates[4]), rates
+
+
 def test_held_out_data_is_read_once(parts, tmp_path) -> None:
     with pytest.raises(ValueError, match="evaluation reads every row once \\(no weights\\)"):
         main(stage1_args(parts, tmp_path / "x", "--eval_data_path", f"{parts['captions']}:2"))

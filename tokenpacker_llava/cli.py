@@ -264,7 +264,9 @@ def _add_plot(subparsers: argparse._SubParsersAction) -> None:
         "--output", help="PNG path (default: training_curves.png in the only run, else in the current folder)"
     )
     parser.add_argument(
-        "--smoothing", type=float, default=0.9, help="EMA weight for the training loss (0: off)"
+        "--smoothing",
+        type=float,
+        help="EMA weight for the training loss, in [0, 1) (0: off; default: about 1/30 of the points)",
     )
     parser.set_defaults(func=_run_plot)
 
@@ -274,7 +276,7 @@ def _run_plot(args: argparse.Namespace) -> int:
 
     from tokenpacker_llava.training.curves import CURVES_FILE, find_log_history, plot_training_curves
 
-    if not 0 <= args.smoothing < 1:
+    if args.smoothing is not None and not 0 <= args.smoothing < 1:
         raise SystemExit(f"--smoothing {args.smoothing}: must be in [0, 1)")
     runs = {}
     for run in args.runs:

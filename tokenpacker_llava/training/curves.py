@@ -69,6 +69,11 @@ def plottable(history: Sequence[Mapping[str, Any]]) -> bool:
     return any(_has(history, key) for key, _, _ in PANELS)
 
 
+def auto_smoothing(points: int) -> float:
+    """An EMA weight averaging over about 1/30 of the points (none for 30 points or fewer)."""
+    return max(0.0, 1.0 - 30.0 / points) if points else 0.0
+
+
 def smoothed(values: Sequence[float], weight: float) -> list[float]:
     """Exponential moving average with TensorBoard's start-up bias correction."""
     out, average = [], 0.0
@@ -82,14 +87,14 @@ def plot_training_curves(
     runs: Mapping[str, Sequence[Mapping[str, Any]]],
     output: str | Path,
     *,
-    smoothing: float = 0.9,
+    smoothing: float | None = None,
     title: str | None = None,
 ) -> Path:
     """Draw ``runs`` (label -> log history) into ``output`` (PNG); returns the path.
 
-    Raw training losses are drawn thin, with an exponential moving average (``smoothing``; 0
-    turns it off) on top once a run has 20 or more of them; evaluation losses are points.
-    Panels without any data are left out.
+    Raw training losses are drawn thin, with an exponential moving average on top (weight
+    ``smoothing``; None: ``auto_smoothing`` of each run's count; 0: raw only); evaluation losses
+    are points. Panels without any data are left out.
     """
     # The object-oriented API: no pyplot, so no global backend or figure state is touched.
     from matplotlib.figure import Figure
@@ -107,9 +112,10 @@ def plot_training_curves(
     for ax, (key, name, log_scale) in zip(axes, panels, strict=False):
         for colour, (label, history) in zip(colours, runs.items(), strict=True):
             steps, values = series(history, key)
-            if key == "loss" and smoothing > 0 and len(values) >= 20:
+            weight = auto_smoothing(len(values)) if smoothing is None else smoothing
+            if key == "loss" and weight > 0:
                 ax.plot(steps, values, color=colour, alpha=0.25, linewidth=0.8)
-                ax.plot(steps, smoothed(values, smoothing), color=colour, label=f"{label} train")
+                ax.plot(steps, smoothed(values, weight), color=colour, label=f"{label} train")
             elif steps:
                 ax.plot(steps, values, color=colour, label=f"{label} train" if key == "loss" else label)
             if key == "loss":

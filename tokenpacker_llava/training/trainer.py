@@ -3,7 +3,8 @@
 - the LLaVA length-and-modality grouped sampler (``group_by_modality_length``);
 - parameter groups with their own learning rates (``mm_projector_lr``, ``mm_vision_tower_lr``);
 - the bad rows the dataset skipped, counted across data-loader workers and reported;
-- tokens/s and the visual-token share in the logs;
+- tokens/s (of training: evaluation and checkpoint time left out) and the visual-token share in
+  the logs;
 - checkpoints that are marked complete only when written, rotated only among complete ones,
   each with the small ``projector.safetensors`` for the next stage; in stage 1 (frozen
   backbones) a checkpoint holds the trainable projector instead of the whole model, with or
@@ -106,6 +107,14 @@ class TokenPackerTrainer(Trainer):
             model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
         )
 
+    def evaluate(self, *args: Any, **kwargs: Any) -> dict[str, float]:
+        started = time.perf_counter()
+        try:
+            return super().evaluate(*args, **kwargs)
+        finally:
+            # tokens/s measures training: the evaluation's time is not part of the window.
+            self._window_start += time.perf_counter() - started
+
     def _count_tokens(self, inputs: dict[str, Any]) -> None:
         input_ids = inputs["input_ids"]
         real = (
@@ -135,6 +144,13 @@ class TokenPackerTrainer(Trainer):
 
     # -- checkpoints ----------------------------------------------------------------------------
     def _save_checkpoint(self, model, trial) -> None:
+        started = time.perf_counter()
+        try:
+            self._save_complete_checkpoint(model, trial)
+        finally:
+            self._window_start += time.perf_counter() - started  # as for evaluate
+
+    def _save_complete_checkpoint(self, model, trial) -> None:
         # Rotation is ours: it must only ever delete complete checkpoints, after the new one is.
         limit = self.args.save_total_limit
         self.args.save_total_limit = None

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import transformers
 from transformers import set_seed
+from transformers.trainer_utils import unwrap_peft_model
 
 from tokenpacker_llava.data.collate import PackedCollator, PaddedCollator
 from tokenpacker_llava.data.dataset import SampleBuilder, StreamingLlavaDataset, build_dataset
@@ -106,7 +107,7 @@ def run(
     compile_parts(model, training_args.compile_parts)
     logger.info("parameters:\n%s", parameter_table(model))
 
-    base = getattr(model, "get_base_model", lambda: model)()
+    base = unwrap_peft_model(model)
     builder = SampleBuilder(
         tokenizer,
         template,

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer, PreTrainedTokenizerBase
+from transformers.trainer_utils import unwrap_peft_model
 
 from tokenpacker_llava.models.attention import resolve_attn_implementation
 from tokenpacker_llava.models.configuration import TokenPackerLlavaConfig
@@ -193,7 +194,7 @@ def compile_parts(model: nn.Module, parts: list[str]) -> None:
     and the saved model are unchanged. Shapes are specialized first and made dynamic on the first
     change (the number of images varies from batch to batch), so a run compiles about twice.
     """
-    base = getattr(model, "get_base_model", lambda: model)()
+    base = unwrap_peft_model(model)
     for part in parts:
         getattr(base, part).compile()
         logger.info("torch.compile: %s (compiled on its first calls)", part)

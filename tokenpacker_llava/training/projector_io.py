@@ -19,6 +19,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
+from transformers.trainer_utils import unwrap_peft_model
 
 from tokenpacker_llava.models.configuration import TokenPackerLlavaConfig
 
@@ -49,7 +50,7 @@ def projector_metadata(config: TokenPackerLlavaConfig) -> dict[str, str]:
 
 def trained_projector(model: nn.Module) -> nn.Module:
     """The projector being trained, through a peft wrapper (``modules_to_save`` copy) if any."""
-    base = getattr(model, "get_base_model", lambda: model)()
+    base = unwrap_peft_model(model)
     projector = base.projector
     copies = getattr(projector, "modules_to_save", None)
     if copies is not None:
@@ -79,7 +80,7 @@ def gathered(module: nn.Module, modify: bool) -> Iterator[bool]:
 def save_projector(model: nn.Module, path: str | Path) -> Path:
     """Write the projector and its metadata (on the main process only under ZeRO-3)."""
     path = Path(path)
-    base = getattr(model, "get_base_model", lambda: model)()
+    base = unwrap_peft_model(model)
     projector = trained_projector(model)
     with gathered(projector, modify=False) as is_writer:
         if is_writer:
@@ -96,7 +97,7 @@ def load_projector(model: nn.Module, path: str | Path) -> None:
     ``torch.load(weights_only=True)``; it has no metadata, so only shapes are checked.
     """
     path = Path(path)
-    base = getattr(model, "get_base_model", lambda: model)()
+    base = unwrap_peft_model(model)
     projector = trained_projector(model)
     if path.suffix == ".safetensors":
         with safe_open(str(path), framework="pt") as handle:

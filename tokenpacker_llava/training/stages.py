@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 
 from torch import nn
+from transformers.trainer_utils import unwrap_peft_model
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +51,7 @@ def configure_stage(
 def parameter_table(model: nn.Module) -> str:
     """Total and trainable parameters per component (LoRA adapters counted under the LLM)."""
     rows = []
-    base = getattr(model, "get_base_model", lambda: model)()
+    base = unwrap_peft_model(model)
     for name in COMPONENTS:
         module = getattr(base, name)
         parameters = list(module.parameters())

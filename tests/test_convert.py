@@ -31,9 +31,14 @@ def write_clip(folder: Path) -> Path:
 
 
 def write_reference_folder(
-    folder: Path, model: TokenPackerLlavaForConditionalGeneration, clip_dir: Path, tokenizer_dir: Path
+    folder: Path,
+    model: TokenPackerLlavaForConditionalGeneration,
+    clip_dir: Path,
+    tokenizer_dir: Path,
+    **config_changes,
 ) -> None:
-    """Write `model`'s weights the way LlavaLlamaForCausalLM saves them (two .bin shards)."""
+    """Write `model`'s weights the way LlavaLlamaForCausalLM saves them (two .bin shards);
+    `config_changes` update config.json (a None value removes the key)."""
     folder.mkdir()
     text = model.config.text_config.to_dict()
     for key in ("model_type", "architectures", "transformers_version", "dtype"):
@@ -58,6 +63,8 @@ def write_reference_folder(
         "tokenizer_padding_side": "right",
         "use_mm_proj": True,
     }
+    config.update(config_changes)
+    config = {key: value for key, value in config.items() if value is not None or key not in config_changes}
     (folder / "config.json").write_text(json.dumps(config))
     prefix = type(model.projector).reference_key_prefix
     projector = {f"model.mm_projector.{k[len(prefix) :]}": v for k, v in model.projector.state_dict().items()}
@@ -74,25 +81,38 @@ def write_reference_folder(
         (folder / file.name).write_bytes(file.read_bytes())
 
 
+def reference_model(
+    clip_dir: Path, projector: str, scale_factor: int | None = None
+) -> TokenPackerLlavaForConditionalGeneration:
+    config = TokenPackerLlavaConfig(
+        vision_config=tiny_vision_config("clip", num_layers=4),
+        text_config=tiny_text_config("llama", vocab_size=VOCAB),
+        projector_type=projector,
+        scale_factor=scale_factor,
+        image_token_id=VOCAB,
+    )
+    torch.manual_seed(0)
+    model = TokenPackerLlavaForConditionalGeneration(config)
+    # The same tower weights the converter will load from mm_vision_tower.
+    model.vision_tower = VisionEncoder.from_pretrained(
+        str(clip_dir), multi_level_layers=config.resolved_multi_level_layers
+    )
+    return model.eval()
+
+
+def image_batch(model: TokenPackerLlavaForConditionalGeneration) -> dict[str, torch.Tensor]:
+    batch = multimodal_batch(model)
+    batch["input_ids"] = batch["input_ids"].masked_fill(batch["input_ids"] == 300, VOCAB)
+    return batch
+
+
 @pytest.mark.parametrize("projector", ["tokenpacker", "mlp2x_gelu"])
 def test_converted_reference_folder_gives_the_same_logits(
     tmp_path, llama_tokenizer_dir, projector: str
 ) -> None:
     clip_dir = write_clip(tmp_path / "clip")
-    config = TokenPackerLlavaConfig(
-        vision_config=tiny_vision_config("clip", num_layers=4),
-        text_config=tiny_text_config("llama", vocab_size=VOCAB),
-        projector_type=projector,
-        scale_factor=2 if projector == "tokenpacker" else None,
-        image_token_id=VOCAB,
-    )
-    torch.manual_seed(0)
-    direct = TokenPackerLlavaForConditionalGeneration(config)
-    # The same tower weights the converter will load from mm_vision_tower.
-    direct.vision_tower = VisionEncoder.from_pretrained(
-        str(clip_dir), multi_level_layers=config.resolved_multi_level_layers
-    )
-    direct.eval()
+    direct = reference_model(clip_dir, projector, scale_factor=2 if projector == "tokenpacker" else None)
+    config = direct.config
     src = tmp_path / "reference"
     write_reference_folder(src, direct, clip_dir, llama_tokenizer_dir)
 
@@ -103,8 +123,7 @@ def test_converted_reference_folder_gives_the_same_logits(
     assert converted.config.projector_type == projector
     assert converted.config.image_token_id == VOCAB
     assert converted.config.resolved_multi_level_layers == config.resolved_multi_level_layers
-    batch = multimodal_batch(direct)
-    batch["input_ids"] = batch["input_ids"].masked_fill(batch["input_ids"] == 300, VOCAB)
+    batch = image_batch(direct)
     with torch.no_grad():
         torch.testing.assert_close(converted(**batch).logits, direct(**batch).logits, rtol=0, atol=0)
 
@@ -124,6 +143,49 @@ def test_converted_reference_folder_gives_the_same_logits(
     assert any(k.startswith("vision_tower.") for k in weights) and any(
         k.startswith("projector.") for k in weights
     )
+
+
+def test_the_projector_is_read_from_the_weights_not_from_mm_projector_type(
+    tmp_path, llama_tokenizer_dir, caplog
+) -> None:
+    """The reference builds TokenPacker whatever mm_projector_type says, and its scripts pass
+    mlp2x_gelu: such a checkpoint (here also without scale_factor) converts as TokenPacker."""
+    clip_dir = write_clip(tmp_path / "clip")
+    direct = reference_model(clip_dir, "tokenpacker", scale_factor=3)
+    src = tmp_path / "reference"
+    write_reference_folder(
+        src, direct, clip_dir, llama_tokenizer_dir, mm_projector_type="mlp2x_gelu", scale_factor=None
+    )
+    assert "scale_factor" not in json.loads((src / "config.json").read_text())
+
+    default = tmp_path / "default_scale"
+    with caplog.at_level("WARNING", logger="tokenpacker_llava.conversion.reference"):
+        assert main(["convert", "--src", str(src), "--dst", str(default)]) == 0  # verified: loads strictly
+    assert "mm_projector_type='mlp2x_gelu', but the mm_projector weights are 'tokenpacker'" in caplog.text
+    assert "no scale_factor: assuming tokenpacker's default 2 (36 visual tokens)" in caplog.text
+    assert "--scale_factor" in caplog.text
+    converted = TokenPackerLlavaForConditionalGeneration.from_pretrained(default)
+    assert converted.config.projector_type == "tokenpacker" and converted.config.scale_factor == 2
+
+    # The scale cannot be read from the weights: --scale_factor gives the trained one back.
+    dst = tmp_path / "converted"
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="tokenpacker_llava.conversion.reference"):
+        assert main(["convert", "--src", str(src), "--dst", str(dst), "--scale_factor", "3"]) == 0
+    assert "scale_factor" not in caplog.text
+    converted = TokenPackerLlavaForConditionalGeneration.from_pretrained(dst).eval()
+    assert converted.config.projector_type == "tokenpacker" and converted.config.scale_factor == 3
+    batch = image_batch(direct)
+    with torch.no_grad():
+        torch.testing.assert_close(converted(**batch).logits, direct(**batch).logits, rtol=0, atol=0)
+
+    # --projector_type wins over the weights (here wrongly, so the strict check fails).
+    caplog.clear()
+    with pytest.raises(ConversionError, match="projector.layers.0.weight"):
+        convert_reference_checkpoint(src, tmp_path / "forced", projector_type="mlp2x_gelu")
+    assert "projector_type='mlp2x_gelu' overrides the checkpoint" in caplog.text
+    with pytest.raises(ConversionError, match="a 12x12 patch grid cannot be packed with scale_factor 5"):
+        convert_reference_checkpoint(src, tmp_path / "bad_scale", scale_factor=5, verify=False)
 
 
 def test_not_a_reference_folder(tmp_path) -> None:

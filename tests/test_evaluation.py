@@ -279,6 +279,30 @@ def test_pope(tmp_path: Path) -> None:
     assert metrics["mean_f1"] == pytest.approx((50 + 200 / 3) / 2)
 
 
+def test_pope_label_files_are_json_lines_despite_their_json_name(tmp_path: Path) -> None:
+    """POPE's official ``coco_pope_*.json`` files are JSON lines."""
+    labels = tmp_path / "coco_pope_adversarial.json"
+    labels.write_text(
+        '{"question_id": 1, "image": "a.jpg", "text": "Is there a dog?", "label": "yes"}\n'
+        '{"question_id": 2, "image": "a.jpg", "text": "Is there a cat?", "label": "no"}\n'
+    )
+    answers = write_answers(tmp_path / "a.jsonl", {1: "Yes", 2: "Yes"})
+    metrics = score_answers("pope", answers, labels)
+    assert metrics["accuracy"] == 50.0 and metrics["num_questions"] == 2
+    one_row = tmp_path / "coco_pope_random.json"
+    one_row.write_text('{"question_id": 1, "label": "yes"}\n')
+    assert score_answers("pope", write_answers(tmp_path / "b.jsonl", {1: "yes"}), one_row)["accuracy"] == 100
+    # Errors still name the file and the line.
+    labels.write_text(
+        '{"question_id": 1, "label": "yes"}\n{"question_id": 2, "label": "no"}\n{"question_id": 3,\n'
+    )
+    with pytest.raises(AnnotationError, match="coco_pope_adversarial.json line 3: invalid JSON"):
+        score_answers("pope", answers, labels)
+    labels.write_text('[\n  {"question_id": 1, "label": "yes"}\n]\n]\n')  # one document, then junk
+    with pytest.raises(AnnotationError, match="coco_pope_adversarial.json: invalid JSON .* at line 4"):
+        score_answers("pope", answers, labels)
+
+
 def test_mme(tmp_path: Path) -> None:
     rows = [
         ("existence/1.png#1", "existence", "1.png", "Yes", "Yes"),  # right
@@ -334,6 +358,40 @@ def test_mme_release_folder(tmp_path: Path) -> None:
     bad = write_answers(tmp_path / "bad.jsonl", {"existence/9.jpg": "Yes"})
     with pytest.raises(AnnotationError, match="no MME question for category 'existence', image '9'"):
         score_answers("mme", bad, root)
+
+
+def test_mme_release_folder_matches_llava_prompts_without_the_yes_no_instruction(tmp_path: Path) -> None:
+    """LLaVA / lmms-eval replace MME's "Please answer yes or no." by the short-answer line; the ground
+    truth is still found (LLaVA's convert_answer_to_mme.py puts the phrase back before its lookup)."""
+    root = tmp_path / "MME_Benchmark_release_version"
+    (root / "existence").mkdir(parents=True)
+    (root / "existence" / "1.txt").write_text(
+        "Is there a dog in this image? Please answer yes or no.\tYes\n"
+        "Is there a cat in this image? please answer Yes or No. \tNo\n"
+    )
+    answers = tmp_path / "a.jsonl"
+    answers.write_text(
+        "".join(
+            json.dumps({"question_id": qid, "prompt": prompt, "text": text}) + "\n"
+            for qid, prompt, text in [
+                (
+                    "existence/1.jpg#1",
+                    "Is there a dog in this image?\nAnswer the question using a single word or phrase.",
+                    "Yes",
+                ),
+                (
+                    "existence/1.jpg#2",
+                    "<image>\nIs there a cat in this image?\nanswer the question using a "
+                    "single word or phrase. ",
+                    "No",
+                ),
+            ]
+        )
+    )
+    metrics = score_answers("mme", answers, root)
+    assert metrics["subtasks"]["existence"] == pytest.approx(
+        {"acc": 100.0, "acc_plus": 100.0, "score": 200.0, "num_questions": 2, "num_images": 1}
+    )
 
 
 def mmbench_files(tmp_path: Path) -> tuple[list[dict], list[dict]]:
@@ -392,6 +450,23 @@ def test_mmbench_circular(tmp_path: Path, fmt: str) -> None:
     assert metrics["num_questions"] == 2 and metrics["num_rows"] == 5
 
 
+@pytest.mark.parametrize("truth", ["", "AB", None, "E", 1])
+def test_mmbench_needs_one_answer_letter_per_row(tmp_path: Path, truth) -> None:
+    """An empty answer (MMBench's test split), several letters, null or a letter past the options
+    is an annotation error naming the row, not a silent 0% or a TypeError."""
+    rows = [
+        {"question_id": 7, "options": ["cat", "dog"], "answer": "A"},
+        {"question_id": 8, "options": ["cat", "dog", "bird"], "answer": truth},
+    ]
+    annotations = write_jsonl(tmp_path / "mmbench.jsonl", rows)
+    answers = write_answers(tmp_path / "a.jsonl", {7: "A", 8: "A"})
+    with pytest.raises(AnnotationError, match=f"question 8 needs options and an answer letter .* {truth!r}"):
+        score_answers("mmbench", answers, annotations)
+    if isinstance(truth, str):
+        with pytest.raises(ValueError, match="not one of the 3 option letters"):
+            circular_variants(8, {}, ["cat", "dog", "bird"], truth)
+
+
 def test_scienceqa_img(tmp_path: Path) -> None:
     problems = tmp_path / "problems.json"
     problems.write_text(
@@ -430,6 +505,22 @@ def test_scienceqa_img(tmp_path: Path) -> None:
     assert metrics["img_accuracy"] == pytest.approx(200 / 3)
     assert metrics["accuracy"] == 75.0
     assert metrics["num_img_questions"] == 3 and metrics["num_questions"] == 4
+
+
+@pytest.mark.parametrize("truth", [None, "", "AB", "C", 2, True])
+def test_scienceqa_needs_an_answer_among_the_choices(tmp_path: Path, truth) -> None:
+    rows = [
+        {"question_id": "p1", "choices": ["a", "b"], "answer": "B", "image": "x.png"},
+        {"question_id": "p2", "choices": ["a", "b"], "answer": truth, "image": "x.png"},
+    ]
+    annotations = write_jsonl(tmp_path / "problems.jsonl", rows)
+    answers = write_answers(tmp_path / "a.jsonl", {"p1": "B", "p2": "A"})
+    with pytest.raises(AnnotationError, match=f"problem 'p2' has answer {truth!r}, not a choice index"):
+        score_answers("scienceqa_img", answers, annotations)
+    rows[1]["answer"] = " A "  # a letter, whitespace trimmed
+    assert (
+        score_answers("scienceqa_img", answers, write_jsonl(tmp_path / "ok.jsonl", rows))["accuracy"] == 100
+    )
 
 
 def test_answers_without_annotations_are_an_error(tmp_path: Path) -> None:

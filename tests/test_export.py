@@ -37,6 +37,7 @@ from tokenpacker_llava.export import (
     write_remote_code,
 )
 from tokenpacker_llava.export import remote_code as remote_code_module
+from tokenpacker_llava.export.model_card import format_count
 from tokenpacker_llava.export.remote_code import AUTO_MAP, REMOTE_CODE_FILES
 
 MODELS = {
@@ -445,6 +446,26 @@ def test_model_card(exported: dict, tmp_path: Path) -> None:
     assert "<details>" not in card.text and "## Evaluation" not in card.text
     assert "trust_remote_code=True" not in card.text  # no remote code written yet
     assert "**144 visual tokens per image**" in card.text
+
+
+@pytest.mark.parametrize(
+    ("count", "text"),
+    [
+        (999, "999"),
+        (1000, "1K"),
+        (52_300, "52.3K"),
+        (999_499, "999K"),
+        (999_950, "1M"),  # rounds up to the next unit, not "1e+03K"
+        (1_000_000, "1M"),
+        (36_722_688, "36.7M"),
+        (999_600_000, "1B"),  # not "1e+03M"
+        (7_241_732_096, "7.24B"),
+        (999_999_999_999, "1T"),
+        (1_500_000_000_000_000, "1500T"),  # past the largest unit: no exponent either
+    ],
+)
+def test_format_count_rounds_before_choosing_the_unit(count: int, text: str) -> None:
+    assert format_count(count) == text
 
 
 # --- what a push uploads ------------------------------------------------------------------------------

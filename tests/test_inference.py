@@ -287,6 +287,34 @@ def test_resume_after_an_interruption(files, loaded, reference_answers, tmp_path
     assert out.read_bytes() == reference_answers.read_bytes()
 
 
+def test_a_last_answer_without_its_newline_is_kept(
+    files, loaded, reference_answers, tmp_path, caplog
+) -> None:
+    """Files joined with "\\n" by other tools end without a newline: their last answer is whole, so it
+    is read, and a resumed run adds the newline instead of cutting the answer off."""
+    complete = reference_answers.read_text().splitlines()
+    out = tmp_path / "answers.jsonl"
+    out.write_text("\n".join(complete[:3]))
+    expected = [json.loads(line)["question_id"] for line in complete[:3]]
+    with caplog.at_level("WARNING"):
+        assert [answer["question_id"] for answer in read_answers(out)] == expected
+    assert "partial line" not in caplog.text
+    assert out.read_text() == "\n".join(complete[:3])  # reading changes nothing
+    run = answer_questions(
+        loaded, load_questions(files["questions"]), out, image_folder=files["images"], settings=SETTINGS
+    )
+    assert run.previously_answered == 3 and run.answered == len(QUESTIONS) - 3 and run.complete
+    assert out.read_bytes() == reference_answers.read_bytes()
+
+    # A fragment that is not a whole answer object is still an interrupted write: dropped (with a warning).
+    for fragment in (complete[3][:-1], '{"text": "no question_id"}', "[1, 2]"):
+        out.write_text("\n".join(complete[:3]) + "\n" + fragment)
+        caplog.clear()
+        with caplog.at_level("WARNING"):
+            assert [answer["question_id"] for answer in read_answers(out)] == expected
+        assert "ends with a partial line" in caplog.text
+
+
 def test_shards_merge_into_the_unsharded_file(files, reference_answers, tmp_path) -> None:
     answers = tmp_path / "answers.jsonl"
     common = ["--model", files["model"], "--questions", files["questions"], "--image_folder", files["images"]]

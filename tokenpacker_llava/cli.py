@@ -46,6 +46,17 @@ def _add_convert(subparsers: argparse._SubParsersAction) -> None:
         help="slice-mode (HD) checkpoints: the tile budget, if the config lacks or misstates it (default: "
         "the config's, else 9)",
     )
+    parser.add_argument(
+        "--projector_type",
+        help="the checkpoint's projector (default: read from the mm_projector weights' keys; the config's "
+        "mm_projector_type is not trusted, as the reference code ignores it and always builds TokenPacker)",
+    )
+    parser.add_argument(
+        "--scale_factor",
+        type=int,
+        help="TokenPacker's scale factor (2/3/4: 144/64/36 tokens at 336 px) if the config lacks or "
+        "misstates it; the weights do not depend on it (default: the config's, else 2, with a warning)",
+    )
     parser.set_defaults(func=_run_convert)
 
 
@@ -64,6 +75,8 @@ def _run_convert(args: argparse.Namespace) -> int:
         trust_remote_code=args.trust_remote_code,
         verify=not args.no_verify,
         patch_num=args.patch_num,
+        projector_type=args.projector_type,
+        scale_factor=args.scale_factor,
     )
     print(f"converted {args.src} -> {dst}")
     return 0

@@ -14,6 +14,12 @@ TokenPacker-HD checkpoints (``image_aspect_ratio: "slice"``) keep slice mode, wi
 effectively used: it looked ``,`` and ``\n`` up with ``convert_tokens_to_ids``, which for a
 Llama tokenizer gives the ``,`` piece and, having no ``\n`` piece, the ``<unk>`` id. The released
 HD models were trained with ``<unk>`` after every tile row, so the converted config says so.
+
+The projector type is read from the weights, not trusted from ``mm_projector_type``: the reference's
+projector factory ignores that key and always builds TokenPacker, and its training scripts pass
+``--mm_projector_type mlp2x_gelu``, so a TokenPacker checkpoint may say ``mlp2x_gelu``. TokenPacker's
+scale factor cannot be read from its weights (they do not depend on it): the config's
+``scale_factor``, else the default 2 with a warning.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ from __future__ import annotations
 import json
 import logging
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +69,18 @@ MULTIMODAL_KEYS = {
 WRAPPER_KEYS = {"model_type", "architectures", "_name_or_path", "transformers_version", "auto_map"}
 PROJECTOR_PREFIX = "model.mm_projector."
 VISION_PREFIX = "model.vision_tower."
+# The `model.mm_projector.*` keys (prefix stripped) of each projector a reference checkpoint holds.
+_TOKENPACKER_MODULES = ("k_proj_1.0", "k_proj_1.2", "v_proj_1.0", "v_proj_1.2", "ln_q_1", "ln_k_1", "ln_v_1")
+_TOKENPACKER_KEYS = {"q_proj_1.weight", "clip_attn.in_proj_weight", "clip_attn.in_proj_bias"} | {
+    f"{module}.{param}"
+    for module in (*_TOKENPACKER_MODULES, "clip_attn.out_proj", "mlp.0", "mlp.2")
+    for param in ("weight", "bias")
+}
+REFERENCE_PROJECTOR_KEYS: dict[str, frozenset[str]] = {
+    "tokenpacker": frozenset(_TOKENPACKER_KEYS),
+    "mlp2x_gelu": frozenset({"0.weight", "0.bias", "2.weight", "2.bias"}),  # LLaVA-1.5's nn.Sequential
+    "linear": frozenset({"weight", "bias"}),  # LLaVA's nn.Linear
+}
 
 
 class ConversionError(ValueError):
@@ -132,6 +150,87 @@ def reference_patch_num(reference: dict[str, Any], override: int | None) -> int:
     return patch_num
 
 
+def detect_projector_type(projector_keys: Iterable[str]) -> str | None:
+    """The projector whose reference state dict has exactly these keys (``model.mm_projector.``
+    stripped), or None when none has."""
+    keys = frozenset(projector_keys)
+    return next((name for name, expected in REFERENCE_PROJECTOR_KEYS.items() if keys == expected), None)
+
+
+def _same_weights(projector_type: str, detected: str) -> bool:
+    """Whether ``projector_type`` stores the reference keys of ``detected`` (itself or a variant of it,
+    like ``tokenpacker_single`` of ``tokenpacker``)."""
+    if projector_type not in PROJECTORS:
+        return False
+    cls, detected_cls = PROJECTORS.get(projector_type), PROJECTORS.get(detected)
+    return issubclass(cls, detected_cls) and cls.reference_key_prefix == detected_cls.reference_key_prefix
+
+
+def resolve_projector_type(
+    reference: dict[str, Any], projector_keys: Iterable[str], override: str | None = None
+) -> str:
+    """The projector to convert to: ``override``, else the one the weights are (warning when the
+    config's ``mm_projector_type`` says otherwise: the reference ignores that key), else the config's."""
+    configured = reference.get("mm_projector_type")
+    detected = detect_projector_type(projector_keys)
+    if override:
+        PROJECTORS.get(override)  # an unknown name lists the known ones
+        if detected is not None and not _same_weights(override, detected):
+            logger.warning(
+                "projector_type=%r overrides the checkpoint, whose mm_projector weights are %r's",
+                override,
+                detected,
+            )
+        return override
+    if detected is None:
+        return configured or "linear"
+    if configured is not None and _same_weights(configured, detected):
+        return configured
+    if configured is not None:
+        logger.warning(
+            "config.json says mm_projector_type=%r, but the mm_projector weights are %r's (the reference "
+            "code ignores mm_projector_type and always builds TokenPacker); converting as %r "
+            "(pass --projector_type to override)",
+            configured,
+            detected,
+            detected,
+        )
+    return detected
+
+
+def resolve_scale_factor(
+    reference: dict[str, Any], projector_type: str, grid_size: int, override: int | None = None
+) -> int | None:
+    """The converted config's ``scale_factor``: None for projectors that keep every token, else
+    ``override``, the config's, or the projector's default, with a warning, since the weights do not
+    depend on it and so cannot tell."""
+    cls = PROJECTORS.get(projector_type)
+    if cls.default_scale_factor == 1:
+        if override not in (None, 1):
+            raise ConversionError(f"--scale_factor does not apply to the {projector_type!r} projector")
+        return None
+    value = override if override is not None else reference.get("scale_factor")
+    if value is None:
+        default = cls.default_scale_factor
+        logger.warning(
+            "config.json has no scale_factor: assuming %s's default %d (%d visual tokens); the weights do "
+            "not depend on it, so if the checkpoint was trained with another one pass --scale_factor",
+            projector_type,
+            default,
+            cls.output_tokens(grid_size, default),
+        )
+        return default
+    try:
+        scale = int(value)
+    except (TypeError, ValueError):
+        raise ConversionError(f"scale_factor={value!r} is not an integer") from None
+    try:
+        cls.check_geometry(grid_size, scale)
+    except ValueError as error:
+        raise ConversionError(str(error)) from None
+    return scale
+
+
 def build_config(
     reference: dict[str, Any],
     vision: VisionEncoder,
@@ -140,7 +239,11 @@ def build_config(
     image_token_id: int | None,
     tokenizer: Any = None,
     patch_num: int | None = None,
+    projector_type: str | None = None,
+    scale_factor: int | None = None,
 ) -> TokenPackerLlavaConfig:
+    """The converted config; ``projector_type`` (default: the config's ``mm_projector_type``) and
+    ``scale_factor`` (default: the config's) as resolved by the caller."""
     select_feature = reference.get("mm_vision_select_feature", "patch")
     if select_feature != "patch":
         raise ConversionError(f"mm_vision_select_feature={select_feature!r} is not supported (only 'patch')")
@@ -148,7 +251,7 @@ def build_config(
         raise ConversionError(
             "checkpoints using mm_use_im_start_end / mm_use_im_patch_token are not supported"
         )
-    projector_type = reference.get("mm_projector_type", "linear")
+    projector_type = projector_type or reference.get("mm_projector_type", "linear")
     PROJECTORS.get(projector_type)
     if reference.get("mm_hidden_size", vision.hidden_size) != vision.hidden_size:
         raise ConversionError(
@@ -174,9 +277,7 @@ def build_config(
         vision_config=vision.config,
         text_config=text_config,
         projector_type=projector_type,
-        scale_factor=reference.get("scale_factor")
-        if PROJECTORS.get(projector_type).uses_multi_level
-        else None,
+        scale_factor=resolve_scale_factor(reference, projector_type, vision.grid_size, scale_factor),
         vision_feature_layer=reference.get("mm_vision_select_layer", -2),
         multi_level_layers=list(vision.multi_level_layers) or None,
         image_token_id=image_token_id,
@@ -236,18 +337,33 @@ def convert_reference_checkpoint(
     trust_remote_code: bool = False,
     verify: bool = True,
     patch_num: int | None = None,
+    projector_type: str | None = None,
+    scale_factor: int | None = None,
 ) -> Path:
     """Convert ``src`` (reference layout) into ``dst`` (this project's format) and verify it loads.
 
     ``vision_tower`` overrides the config's ``mm_vision_tower`` (a hub id or local folder);
-    ``patch_num`` overrides a slice-mode checkpoint's (whose config may lack it).
+    ``patch_num`` overrides a slice-mode checkpoint's (whose config may lack it); ``projector_type``
+    overrides the projector read from the weights' keys (see ``resolve_projector_type``), and
+    ``scale_factor`` the config's (a TokenPacker config may lack it: the default 2 is then assumed).
     """
     src, dst = Path(src), Path(dst)
     reference = read_reference_config(src)
     tower = vision_tower or reference.get("mm_vision_tower")
     if not tower:
         raise ConversionError("the config names no mm_vision_tower; pass --vision_tower")
-    projector_cls = PROJECTORS.get(reference.get("mm_projector_type", "linear"))
+
+    def cast(tensor: torch.Tensor) -> torch.Tensor:
+        # Cast as each shard is read, so only one copy of the weights is ever held.
+        return tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
+
+    weights = {key: cast(tensor) for key, tensor in iter_tensors(weight_files(src))}
+    projector_type = resolve_projector_type(
+        reference,
+        [key[len(PROJECTOR_PREFIX) :] for key in weights if key.startswith(PROJECTOR_PREFIX)],
+        projector_type,
+    )
+    projector_cls = PROJECTORS.get(projector_type)
     logger.info("loading vision tower %s", tower)
     vision = VisionEncoder.from_pretrained(
         tower,
@@ -274,19 +390,18 @@ def convert_reference_checkpoint(
         image_token_id=image_token_id,
         tokenizer=tokenizer,
         patch_num=patch_num,
+        projector_type=projector_type,
+        scale_factor=scale_factor,
     )
-
-    def cast(tensor: torch.Tensor) -> torch.Tensor:
-        # Cast as each shard is read, so only one copy of the weights is ever held.
-        return tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
 
     state_dict = {
         f"vision_tower.model.{key}": cast(tensor) for key, tensor in vision.model.state_dict().items()
     }
-    for key, tensor in iter_tensors(weight_files(src)):
+    for key in list(weights):
         new_key = rename_key(key, projector_cls.reference_key_prefix)
+        tensor = weights.pop(key)
         if new_key is not None:
-            state_dict[new_key] = cast(tensor)
+            state_dict[new_key] = tensor
     if dtype is not None:
         config.dtype = dtype
 

@@ -62,6 +62,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from abc import ABC, abstractmethod
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
@@ -96,10 +97,24 @@ def _key(value: Any) -> str:
     return str(value)
 
 
+def _json_lines(path: Path, lines: Sequence[str]) -> list[Any]:
+    """The values of JSON-lines text, an error naming the file and line of the first bad one."""
+    rows = []
+    for number, line in enumerate(lines, 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as error:
+                raise AnnotationError(f"{path.name} line {number}: invalid JSON ({error.msg})") from None
+    return rows
+
+
 def load_rows(path: str | Path) -> list[dict[str, Any]]:
     """Rows of an annotation file: JSON lines, a JSON list, a JSON object keyed by question id
     (the key becomes ``question_id`` unless the row has one), an official ``{"annotations": [...]}``
-    / ``{"data": [...]}`` wrapper, or a TSV with a header."""
+    / ``{"data": [...]}`` wrapper, or a TSV with a header.
+
+    A ``.json`` file holding JSON lines (POPE's ``coco_pope_*.json``) is read as JSON lines."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"annotation file {path} does not exist")
@@ -107,26 +122,31 @@ def load_rows(path: str | Path) -> list[dict[str, Any]]:
         with path.open(encoding="utf-8", newline="") as handle:
             return [dict(row) for row in csv.DictReader(handle, delimiter="\t")]
     if path.suffix == ".jsonl":
-        rows = []
         with path.open(encoding="utf-8") as handle:
-            for number, line in enumerate(handle, 1):
-                if line.strip():
-                    try:
-                        rows.append(json.loads(line))
-                    except json.JSONDecodeError as error:
-                        raise AnnotationError(
-                            f"{path.name} line {number}: invalid JSON ({error.msg})"
-                        ) from None
+            rows = _json_lines(path, list(handle))
     else:
+        text = path.read_text(encoding="utf-8")
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = json.loads(text)
         except json.JSONDecodeError as error:
-            raise AnnotationError(f"{path.name}: invalid JSON ({error.msg} at line {error.lineno})") from None
+            # Not one JSON document. When its first line is a complete value, it is JSON lines under a
+            # .json name (POPE's label files), read as such; otherwise the document's error is reported.
+            lines = text.splitlines()
+            first = next((number for number, line in enumerate(lines) if line.strip()), 0)
+            try:
+                json.loads(lines[first] if lines else "")
+            except json.JSONDecodeError:
+                raise AnnotationError(
+                    f"{path.name}: invalid JSON ({error.msg} at line {error.lineno})"
+                ) from None
+            data = _json_lines(path, lines)
         if isinstance(data, dict):
             for wrapper in ("annotations", "data"):
                 if isinstance(data.get(wrapper), list):
                     data = data[wrapper]
                     break
+        if isinstance(data, dict) and "question_id" in data and not isinstance(data["question_id"], dict):
+            data = [data]  # JSON lines with a single row
         if isinstance(data, dict):
             if not all(isinstance(row, dict) for row in data.values()):
                 raise AnnotationError(
@@ -377,12 +397,19 @@ MME_PERCEPTION = (
     "existence", "count", "position", "color", "posters", "celebrity", "scene", "landmark", "artwork", "OCR",
 )  # fmt: skip
 MME_COGNITION = ("commonsense_reasoning", "numerical_calculation", "text_translation", "code_reasoning")
-_LLAVA_SHORT_ANSWER = "Answer the question using a single word or phrase."
+# MME's files end each question with "Please answer yes or no."; LLaVA's (and lmms-eval's) MME
+# prompts replace that with a line asking for a short answer, and LLaVA's convert_answer_to_mme.py
+# puts it back before the lookup. Matching drops both phrases from both sides instead.
+_MME_INSTRUCTIONS = re.compile(
+    r"please\s+answer\s+yes\s+or\s+no\.?|answer\s+the\s+question\s+using\s+a\s+single\s+word\s+or\s+phrase\.?",
+    re.IGNORECASE,
+)
 
 
 def _mme_question(text: str) -> str:
-    """A question as MME's files and LLaVA's prompts both write it, for matching."""
-    return " ".join(text.replace(_LLAVA_SHORT_ANSWER, " ").replace("<image>", " ").split()).lower()
+    """A question as MME's files and LLaVA's prompts both write it, for matching: the yes/no and
+    short-answer instructions and ``<image>`` removed, whitespace collapsed, lower-cased."""
+    return " ".join(_MME_INSTRUCTIONS.sub(" ", text.replace("<image>", " ")).split()).lower()
 
 
 def _stem(path: str) -> str:
@@ -477,6 +504,15 @@ class MME(Benchmark):
         }
 
 
+def _option_letter(value: Any, num_options: int) -> str | None:
+    """``value`` as one option letter among the first ``num_options`` (whitespace trimmed); None when
+    it is anything else (missing, empty, several letters, not a string)."""
+    if not isinstance(value, str):
+        return None
+    letter = value.strip()
+    return letter if len(letter) == 1 and letter in OPTION_LETTERS[:num_options] else None
+
+
 def _row_options(row: Mapping[str, Any]) -> list[str]:
     """The options of an MMBench row: ``options``/``choices`` or the non-empty A, B, ... columns."""
     options = row.get("options", row.get("choices"))
@@ -501,7 +537,11 @@ def circular_variants(
     """
     if index >= CIRCULAR_OFFSET:
         raise ValueError(f"MMBench indices must be below {CIRCULAR_OFFSET} to leave room for circular shifts")
-    correct = OPTION_LETTERS.index(answer)
+    if _option_letter(answer, len(options)) is None:
+        raise ValueError(
+            f"MMBench question {index}: answer {answer!r} is not one of the {len(options)} option letters"
+        )
+    correct = OPTION_LETTERS.index(answer.strip())
     out = []
     for shift in range(len(options)):
         rotated = list(options[shift:]) + list(options[:shift])
@@ -534,10 +574,12 @@ class MMBench(Benchmark):
         group_category: dict[str, str | None] = {}
         for answer, row in pairs:
             options = _row_options(row)
-            truth = str(row.get("answer", "")).strip()
-            if not options or truth not in OPTION_LETTERS[: len(options)]:
+            truth = _option_letter(row.get("answer"), len(options))
+            if not options or truth is None:
                 raise AnnotationError(
-                    f"{source}: question {answer['question_id']!r} needs options and an answer letter among them"
+                    f"{source}: question {answer['question_id']!r} needs options and an answer letter among "
+                    f"them, has {len(options)} options and answer {row.get('answer')!r} (MMBench's test "
+                    "split has no answers: score it on the MMBench server)"
                 )
             hit = parse_option_letter(answer["text"], options) == truth
             if row.get("g_index") not in (None, ""):
@@ -581,9 +623,11 @@ class ScienceQAImg(Benchmark):
             truth = row.get("answer")
             if isinstance(truth, int) and not isinstance(truth, bool) and 0 <= truth < len(choices):
                 truth = OPTION_LETTERS[truth]
-            if truth not in OPTION_LETTERS[: len(choices)]:
+            truth = _option_letter(truth, len(choices))
+            if truth is None:
                 raise AnnotationError(
-                    f"{source}: problem {answer['question_id']!r} has answer {row.get('answer')!r}"
+                    f"{source}: problem {answer['question_id']!r} has answer {row.get('answer')!r}, not a "
+                    f"choice index or letter among its {len(choices)} choices"
                 )
             hit = parse_option_letter(answer["text"], [str(c) for c in choices]) == truth
             hits.append(hit)

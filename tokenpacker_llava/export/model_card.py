@@ -64,11 +64,15 @@ def count_parameters(folder: str | Path) -> dict[str, int] | None:
 
 
 def format_count(count: int) -> str:
-    """``7241732096`` -> ``7.24B``; ``52300`` -> ``52.3K``."""
-    for scale, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
-        if count >= scale:
-            return f"{count / scale:.3g}{suffix}"
-    return str(count)
+    """``7241732096`` -> ``7.24B``; ``52300`` -> ``52.3K``; ``999950`` -> ``1M`` (rounded to three
+    significant digits first, then given the unit the rounded value needs)."""
+    if count < 1000:
+        return str(count)
+    rounded = float(f"{count:.3g}")
+    units = ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K"))
+    scale, suffix = next((scale, suffix) for scale, suffix in units if rounded >= scale)
+    value = rounded / scale
+    return f"{value:.3g}{suffix}" if value < 1000 else f"{value:.0f}{suffix}"
 
 
 def _flatten_metrics(metrics: Mapping[str, Any], prefix: str = "") -> list[tuple[str, Any]]:

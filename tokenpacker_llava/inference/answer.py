@@ -255,20 +255,38 @@ def answer_line(answer: Mapping[str, Any]) -> str:
     return json.dumps(answer, ensure_ascii=False) + "\n"
 
 
+def _complete_answer(fragment: bytes) -> dict | None:
+    """``fragment`` as an answer object (a JSON object with a ``question_id``), or None."""
+    try:
+        answer = json.loads(fragment.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return answer if isinstance(answer, dict) and "question_id" in answer else None
+
+
 def read_answer_lines(path: str | Path, *, repair: bool = False) -> list[tuple[int, str, dict]]:
     """(line number, raw line, parsed answer) of every complete line of an answer file.
 
-    A last line without its newline is what an interrupted write leaves: it is ignored, and with
-    ``repair=True`` cut off the file. Any other line that is not a JSON object is an error.
+    A last line without its newline is kept when it is a complete answer object (files joined with
+    ``"\\n"`` by other tools end so); with ``repair=True`` its newline is added, so that appended
+    answers start on a line of their own. Otherwise it is what an interrupted write leaves: it is
+    ignored, and with ``repair=True`` cut off the file. Any other line that is not a JSON object is an
+    error.
     """
     path = Path(path)
     data = path.read_bytes()
     end = data.rfind(b"\n") + 1
     if end < len(data):
-        logger.warning("%s ends with a partial line (an interrupted write); it is dropped", path)
-        if repair:
-            with path.open("r+b") as handle:
-                handle.truncate(end)
+        if _complete_answer(data[end:]) is not None:
+            if repair:
+                with path.open("ab") as handle:
+                    handle.write(b"\n")
+            data, end = data + b"\n", len(data) + 1
+        else:
+            logger.warning("%s ends with a partial line (an interrupted write); it is dropped", path)
+            if repair:
+                with path.open("r+b") as handle:
+                    handle.truncate(end)
     out = []
     for number, line in enumerate(data[:end].decode("utf-8").split("\n")[:-1], 1):
         if not line.strip():

@@ -259,11 +259,13 @@ def test_skipped_samples_are_gathered_and_metadata_dropped(samples) -> None:
     with_skips[1]["skipped"] = ["row 7 (id a): missing_image"]
     with_skips[3]["skipped"] = ["row 9 (id b): corrupt_image", "row 10 (id c): empty_answer"]
     expected = ["row 7 (id a): missing_image", "row 9 (id b): corrupt_image", "row 10 (id c): empty_answer"]
+    with_skips[2]["shortened"] = "row 8, id 'd': shortened to fit 64 tokens, dropped 1 turn pair(s)"
     for collator in (PaddedCollator(PAD), PackedCollator()):
         batch = collator(with_skips)
         assert batch["skipped_samples"] == expected
-        assert not {"row", "id", "skipped"} & set(batch)
-        assert "skipped_samples" not in collator(samples)
+        assert batch["shortened_samples"] == [with_skips[2]["shortened"]]
+        assert not {"row", "id", "skipped", "shortened"} & set(batch)
+        assert not {"skipped_samples", "shortened_samples"} & set(collator(samples))
 
 
 @pytest.mark.parametrize("collator", [PaddedCollator(PAD), PackedCollator()], ids=["padded", "packed"])

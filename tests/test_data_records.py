@@ -77,6 +77,19 @@ BAD_ROWS = [
         {"id": "x", "image": "a.jpg", "conversations": convo(("human", "q"), ("gpt", "<image>"))},
         "image_count_mismatch",
     ),
+    (  # the plain template drops the system turn: its image would shift onto the user's
+        {
+            "id": "x",
+            "image": ["sys.jpg", "user.jpg"],
+            "conversations": convo(("system", "<image> context"), ("human", "<image>\nq"), ("gpt", "a")),
+        },
+        "image_count_mismatch",
+    ),
+    ({"id": "x", "conversations": convo(("human", "smile \ud83d"), ("gpt", "a"))}, "invalid_text"),
+    (
+        {"id": "x", "image": "\udc00.jpg", "conversations": convo(("human", "<image>"), ("gpt", "a"))},
+        "invalid_text",
+    ),
 ]
 
 
@@ -88,6 +101,25 @@ def test_bad_rows_name_row_id_and_reason(raw, kind: str) -> None:
     assert "row 12" in str(info.value) and kind in str(info.value)
     if isinstance(raw, dict):
         assert "id 'x'" in str(info.value)
+
+
+def test_a_lone_surrogate_fails_its_row_not_the_file(tmp_path) -> None:
+    # Scraped text cut inside an emoji: JSON can escape half a surrogate pair, Arrow and the
+    # tokenizer cannot take it. The file loads; the row is reported by number, id and reason.
+    bad = {"id": "cut\ud83d", "conversations": convo(("human", "hi \ud83d"), ("gpt", "a"))}
+    good = {"id": "emoji", "conversations": convo(("human", "hi \U0001f600"), ("gpt", "a"))}
+    for name, text in (
+        ("a.json", json.dumps([good, bad])),
+        ("b.jsonl", json.dumps(good) + "\n" + json.dumps(bad) + "\n"),
+    ):
+        path = tmp_path / name
+        path.write_text(text)
+        mixed = MixedRecords([DataSource(str(path))])
+        assert parse_record(mixed[0][2], row=0).turns[0].text == "hi \U0001f600"
+        with pytest.raises(BadSample, match="row 1, id .*cut.*: invalid_text") as info:
+            parse_record(mixed[1][2], row=mixed[1][1])
+        assert "a lone surrogate" in str(info.value)
+        str(info.value).encode("utf-8")  # the message itself can be logged
 
 
 def test_parse_data_path() -> None:

@@ -488,8 +488,20 @@ def test_every_max_length_fits_without_cutting_an_image(tokenizers, kind: str, n
             assert kept == 1 and len(sample.input_ids) == max_length
             assert sample.input_ids == reference.input_ids[:max_length]
         else:
-            assert (sample.input_ids, sample.labels) == (reference.input_ids, reference.labels)
+            # Whole pairs; text after the last kept answer that is not trained on (ChatML's
+            # newline after <|im_end|>) is cut when only it does not fit.
+            kept_length = len(sample.input_ids)
+            assert kept_length == len(reference.input_ids) or len(reference.input_ids) > max_length
+            assert sample.input_ids == reference.input_ids[:kept_length]
+            assert sample.labels == reference.labels[:kept_length]
+            assert all(label == IGNORE_INDEX for label in reference.labels[kept_length:])
         assert any(label != IGNORE_INDEX for label in sample.labels)
+    # One token short of the whole conversation: only unsupervised trailing text may go.
+    short = tokenize(turns, name, tokenizer, image_token_id, max_length=len(full.input_ids) - 1)
+    if full.labels[-1] == IGNORE_INDEX:
+        assert short.dropped_turns == 0 and not short.truncated_answer
+        assert short.labels == full.labels[: len(short.labels)]
+        assert all(label == IGNORE_INDEX for label in full.labels[len(short.labels) :])
 
 
 class _EmptySpans(ConversationTemplate):

@@ -44,7 +44,9 @@ def cpu_ranks_env(**extra: str) -> dict[str, str]:
     }
 
 
-def torchrun(argv: list[str], nproc: int = 2) -> subprocess.CompletedProcess:
+def torchrun(
+    argv: list[str], nproc: int = 2, program: tuple[str, ...] = ("-m", "tokenpacker_llava.train")
+) -> subprocess.CompletedProcess:
     env = cpu_ranks_env()
     command = [
         sys.executable,
@@ -56,8 +58,7 @@ def torchrun(argv: list[str], nproc: int = 2) -> subprocess.CompletedProcess:
         "127.0.0.1",
         "--master_port",
         str(free_port()),
-        "-m",
-        "tokenpacker_llava.train",
+        *program,
         *argv,
     ]
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
@@ -253,6 +254,42 @@ def test_zero3_offload_with_the_llms_own_loss_matches_zero3_with_the_chunked_los
     reference = load_file(zero3_stage2 / "projector.safetensors")
     for key, value in load_file(output / "projector.safetensors").items():
         torch.testing.assert_close(value, reference[key], rtol=1e-3, atol=1e-5, msg=key)
+
+
+# The training entry point plus a callback that writes which samples this rank's data loader
+# yields (the Trainer's own loader, as prepared by accelerate).
+RECORD_SHARDS = """
+import json, sys
+from pathlib import Path
+from transformers import TrainerCallback
+from tokenpacker_llava.train import run
+from tokenpacker_llava.training.arguments import parse_arguments, validate
+
+class RecordShard(TrainerCallback):
+    def on_train_begin(self, args, state, control, train_dataloader=None, **kwargs):
+        ids = [sample["id"] for sample in train_dataloader.dataset]
+        Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+        Path(args.output_dir, f"ids_rank{args.process_index}.json").write_text(json.dumps(ids))
+
+model_args, data_args, training_args = parse_arguments(sys.argv[1:])
+validate(model_args, data_args, training_args)
+run(model_args, data_args, training_args, callbacks=[RecordShard()])
+"""
+
+
+def test_streaming_splits_the_stream_over_the_ranks(parts, tmp_path) -> None:
+    # Every caption row goes to exactly one rank, whole batches each, as many on every rank.
+    script = tmp_path / "record_shards.py"
+    script.write_text(RECORD_SHARDS)
+    output = tmp_path / "streaming"
+    argv = stage1_args(parts, output, "--streaming", "True", "--max_steps", "3", "--save_strategy", "no")
+    torchrun(argv, program=(str(script),))
+    ranks = [json.loads((output / f"ids_rank{rank}.json").read_text()) for rank in (0, 1)]
+    rows = [record["id"] for record in json.loads(parts["captions"].read_text())]
+    assert len(ranks[0]) == len(ranks[1]) == len(rows) // 2
+    assert not set(ranks[0]) & set(ranks[1]) and sorted(ranks[0] + ranks[1]) == sorted(rows)
+    assert ranks[0][:4] == rows[:4] and ranks[1][:4] == rows[4:8]  # batches of 4, alternating
+    assert len(logged_losses(output)) == 3
 
 
 def test_pretrain_script_under_the_deepspeed_launcher(parts, tmp_path) -> None:

@@ -412,6 +412,14 @@ def test_skip_policy_through_the_entry_point(parts, stage1_dir, tmp_path, caplog
         trainer = train(argv)
     assert len(trainer.skipped_samples) == 2
     assert "2 bad sample(s) were skipped during training" in caplog.text
+    # The two-question rows (ins0, ins3, ...) do not fit --model_max_length 160: trained on with
+    # their second pair dropped, which is counted, logged on every rank and reported at the end.
+    two_pairs = {row["id"] for row in rows if len(row["conversations"]) == 4 and row["id"].startswith("ins")}
+    assert len(two_pairs) == 8
+    assert {d.split("'")[1] for d in trainer.shortened_samples} == two_pairs
+    assert all("dropped 1 turn pair(s)" in d for d in trainer.shortened_samples)
+    assert "8 row(s) were shortened to fit --model_max_length 160" in caplog.text
+    assert trainer.state.log_history[-2]["shortened_samples"] == 8  # the last step's log
     assert "id 'no-image-file'" in caplog.text and "missing_image" in caplog.text
     assert "id 'no-answer'" in caplog.text and "no_assistant_turn" in caplog.text
     with pytest.raises(Exception, match="row 1, id 'no-image-file': missing_image"):

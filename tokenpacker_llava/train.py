@@ -131,13 +131,12 @@ def run(
     sources = parse_data_path(data_args.data_path, data_args.image_folder)
     if data_args.streaming:
         dataset = StreamingLlavaDataset(
-            sources,
-            builder,
-            on_bad_sample=data_args.on_bad_sample,
-            seed=training_args.seed,
-            rank=training_args.process_index,
-            world_size=training_args.world_size,
+            sources, builder, on_bad_sample=data_args.on_bad_sample, seed=training_args.seed
         )
+        # accelerate's default for a stream reads it on rank 0 only and sends each rank a slice of
+        # one concatenated batch, which samples of different lengths cannot form: every rank reads
+        # the stream instead and keeps its own batches (see StreamingLlavaDataset).
+        training_args.accelerator_config.dispatch_batches = False
     else:
         dataset = build_dataset(sources, builder, on_bad_sample=data_args.on_bad_sample)
     eval_dataset = (

@@ -1,10 +1,12 @@
 """Collators: a list of dataset samples -> one model batch, padded or packed (padding-free).
 
 A sample is ``{"input_ids": (L,), "labels": (L,) with -100 where unsupervised, "pixel_values":
-(n_images, 3, H, W) or None}`` plus optional metadata ``row``, ``id`` and ``skipped`` (descriptions
-of bad rows the dataset skipped to produce it). Metadata never reaches the model: ``skipped`` lists
-are gathered into ``batch["skipped_samples"]`` (only when non-empty) so the trainer can count them,
-and must be popped before ``model(**batch)``; ``row`` and ``id`` are dropped.
+(n_images, 3, H, W) or None}`` plus optional metadata ``row``, ``id``, ``skipped`` (descriptions
+of bad rows the dataset skipped to produce it) and ``shortened`` (a description, when turns were
+dropped or an answer cut to fit the length). Metadata never reaches the model: ``skipped`` and
+``shortened`` are gathered into ``batch["skipped_samples"]`` / ``batch["shortened_samples"]`` (only
+when non-empty) so the trainer can count them, and must be popped before ``model(**batch)``;
+``row`` and ``id`` are dropped.
 
 Both collators keep the model's image contract: ``pixel_values`` is the concatenation of the
 samples' images in sample order, which is placeholder order across the batch (and inside the
@@ -25,7 +27,7 @@ import torch
 
 IGNORE_INDEX = -100
 MODEL_KEYS = frozenset({"input_ids", "labels", "pixel_values"})
-METADATA_KEYS = frozenset({"row", "id", "skipped"})
+METADATA_KEYS = frozenset({"row", "id", "skipped", "shortened"})
 INTEGER_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 
 
@@ -73,6 +75,8 @@ def _checked(samples: Sequence[Mapping[str, Any]]) -> list[tuple[torch.Tensor, t
             not isinstance(skipped, (list, tuple)) or not all(isinstance(item, str) for item in skipped)
         ):
             raise ValueError(f"{name}: skipped must be a list of strings, got {skipped!r}")
+        if not isinstance(sample.get("shortened", ""), str):
+            raise ValueError(f"{name}: shortened must be a string, got {sample['shortened']!r}")
         pairs.append((input_ids.long(), labels.long()))
     return pairs
 
@@ -96,13 +100,17 @@ def _pixel_values(samples: Sequence[Mapping[str, Any]]) -> torch.Tensor | None:
 
 
 def _finish(samples: Sequence[Mapping[str, Any]], batch: dict[str, Any]) -> dict[str, Any]:
-    """Add what both layouts share: the images and the gathered ``skipped`` descriptions."""
+    """Add what both layouts share: the images and the gathered ``skipped`` / ``shortened``
+    descriptions."""
     images = _pixel_values(samples)
     if images is not None:
         batch["pixel_values"] = images
     skipped = [item for sample in samples for item in (sample.get("skipped") or ())]
     if skipped:
         batch["skipped_samples"] = skipped
+    shortened = [sample["shortened"] for sample in samples if sample.get("shortened")]
+    if shortened:
+        batch["shortened_samples"] = shortened
     return batch
 
 
@@ -110,7 +118,8 @@ class PaddedCollator:
     """Right-pad to the longest sample (rounded up to ``pad_to_multiple_of``).
 
     Returns ``input_ids`` and ``attention_mask`` (batch, L), ``labels`` with -100 on padding,
-    ``pixel_values`` when any sample has an image, ``skipped_samples`` when any sample carries one.
+    ``pixel_values`` when any sample has an image, ``skipped_samples`` / ``shortened_samples`` when
+    any sample carries them.
     """
 
     def __init__(self, pad_token_id: int, *, pad_to_multiple_of: int | None = None) -> None:

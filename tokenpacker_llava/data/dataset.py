@@ -116,15 +116,14 @@ class SampleBuilder:
             )
         except BadSample as error:
             raise error.at(record.row, record.id) from None
+        shortened = None
         if tokens.dropped_turns or tokens.truncated_answer:
-            logger.info(
-                "row %s (id %r) shortened to fit %s tokens: dropped %d turn pair(s)%s",
-                record.row,
-                record.id,
-                self.max_length,
-                tokens.dropped_turns,
-                ", truncated the last answer" if tokens.truncated_answer else "",
+            shortened = (
+                f"row {record.row}, id {record.id!r}: shortened to fit {self.max_length} tokens, dropped "
+                f"{tokens.dropped_turns} turn pair(s)"
+                + (", truncated the last answer" if tokens.truncated_answer else "")
             )
+            logger.info("%s", shortened)
         pixel_values = None
         if record.images and tokens.num_images:
             loader = self.images_for(image_folder)
@@ -143,6 +142,8 @@ class SampleBuilder:
             "pixel_values": pixel_values,
             "row": record.row,
             "id": record.id,
+            # Counted and reported by the trainer on every rank (this log line shows on rank 0 only).
+            **({"shortened": shortened} if shortened else {}),
         }
 
 
@@ -236,8 +237,13 @@ def build_dataset(
 class StreamingLlavaDataset(torch.utils.data.IterableDataset):
     """Iterable counterpart of ``LlavaDataset`` for data read as a stream (``--streaming``).
 
-    Rows are sharded over distributed ranks with ``datasets.distributed.split_dataset_by_node``
-    and over data-loader workers by ``datasets`` itself; bad rows follow the same policy.
+    Every rank reads the same stream; the Trainer's accelerate data loader (with
+    ``dispatch_batches=False``, set by ``train.run``) keeps each rank's own batches and gives all
+    ranks the same number of them, so none waits for another at the end. That costs each rank
+    the preprocessing of every sample (accelerate 1.15 cannot be told that a stream is already
+    split by rank: splitting it here as well kept 1/world_size of the data). Data-loader workers
+    split the stream by its shards (files), which ``datasets`` does itself; bad rows follow the
+    same policy as in ``LlavaDataset``.
     """
 
     def __init__(
@@ -247,8 +253,6 @@ class StreamingLlavaDataset(torch.utils.data.IterableDataset):
         *,
         on_bad_sample: BadSamplePolicy = "error",
         seed: int = 0,
-        rank: int = 0,
-        world_size: int = 1,
     ) -> None:
         from tokenpacker_llava.data.sources import interleave_streaming
 
@@ -260,12 +264,7 @@ class StreamingLlavaDataset(torch.utils.data.IterableDataset):
         self.image_folder = folders.pop()
         self.builder = builder
         self.on_bad_sample = on_bad_sample
-        stream = interleave_streaming(sources, seed=seed)
-        if world_size > 1:
-            from datasets.distributed import split_dataset_by_node
-
-            stream = split_dataset_by_node(stream, rank=rank, world_size=world_size)
-        self.stream = stream
+        self.stream = interleave_streaming(sources, seed=seed)
 
     def set_epoch(self, epoch: int) -> None:
         self.stream.set_epoch(epoch)

@@ -27,6 +27,7 @@ IMAGE_PLACEHOLDER = "<image>"
 BAD_SAMPLE_KINDS = (
     "malformed",  # not an object / missing or mistyped fields
     "non_string_value",  # a turn's value (or role, id, image path) is not a string
+    "invalid_text",  # a string that is not valid Unicode (a lone UTF-16 surrogate, e.g. cut emoji)
     "unknown_role",
     "no_assistant_turn",
     "empty_answer",
@@ -102,12 +103,26 @@ def parse_record(raw: Any, *, row: int | None = None, source: str | None = None)
     def bad(kind: str, message: str) -> BadSample:
         return BadSample(kind, message, row=row, record_id=record_id)
 
+    def check_text(text: str, what: str) -> None:
+        # JSON's \\uXXXX escapes can encode half of a surrogate pair (scraped text cut inside an
+        # emoji); such a string cannot be tokenized or written as UTF-8.
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as error:
+            raise bad(
+                "invalid_text",
+                f"{what} holds {text[error.start]!r} at position {error.start}, a lone surrogate",
+            ) from None
+
     if not isinstance(raw, Mapping):
         raise bad("malformed", f"a record must be a JSON object, got {type(raw).__name__}")
     if record_id is None:
         record_id = str(row) if row is not None else "?"
     elif not isinstance(raw["id"], (str, int)):
         raise bad("non_string_value", f"'id' must be a string or integer, got {type(raw['id']).__name__}")
+    else:
+        record_id = record_id.encode("utf-8", "backslashreplace").decode("utf-8")  # printable in errors
+        check_text(str(raw["id"]), "'id'")
 
     images = raw.get("image")
     if images is None:
@@ -120,6 +135,8 @@ def parse_record(raw: Any, *, row: int | None = None, source: str | None = None)
         raise bad("non_string_value", f"'image' must be a path or a list of paths, got {images!r}")
     if any(not path.strip() for path in images):
         raise bad("malformed", "'image' holds an empty path")
+    for path in images:
+        check_text(path, "'image'")
 
     conversations = raw.get("conversations")
     if not isinstance(conversations, list) or not conversations:
@@ -133,6 +150,7 @@ def parse_record(raw: Any, *, row: int | None = None, source: str | None = None)
             raise bad("non_string_value", f"turn {index}: 'from' is {type(speaker).__name__}, not a string")
         if not isinstance(value, str):
             raise bad("non_string_value", f"turn {index}: 'value' is {type(value).__name__}, not a string")
+        check_text(value, f"turn {index}: 'value'")
         if speaker not in ROLES:
             raise bad(
                 "unknown_role", f"turn {index}: unknown speaker {speaker!r} (expected one of {sorted(ROLES)})"
@@ -164,6 +182,12 @@ def parse_record(raw: Any, *, row: int | None = None, source: str | None = None)
             "image_count_mismatch",
             f"{placeholders} {IMAGE_PLACEHOLDER} placeholder(s) in the text but {len(images)} image(s) in the row",
         )
-    if any(IMAGE_PLACEHOLDER in turn.text for turn in turns if turn.role == "assistant"):
-        raise bad("image_count_mismatch", f"an assistant turn contains {IMAGE_PLACEHOLDER}")
+    for turn in turns:
+        # Templates may drop or move a system turn (plain drops it), which would pair the images
+        # that follow with the wrong placeholders.
+        if turn.role != "user" and IMAGE_PLACEHOLDER in turn.text:
+            raise bad(
+                "image_count_mismatch",
+                f"a {turn.role} turn contains {IMAGE_PLACEHOLDER}; images go in user turns",
+            )
     return Record(id=record_id, turns=turns, images=images, row=row, source=source)

@@ -186,13 +186,26 @@ class _Encoded:
     def length(self) -> int:
         return self.cum[-1]
 
-    def length_through_span(self, span: int) -> int:
-        """Expanded length of the tokens that end no later than supervised span ``span``."""
+    def tokens_through_span(self, span: int) -> int:
+        """How many tokens end no later than supervised span ``span``."""
         end = self.rendered.supervised[span][1]
         count = 0
         while count < len(self.offsets) and self.offsets[count][1] <= end:
             count += 1
-        return self.cum[count]
+        return count
+
+    def length_through_span(self, span: int) -> int:
+        """Expanded length of the tokens that end no later than supervised span ``span``."""
+        return self.cum[self.tokens_through_span(span)]
+
+    def cut(self, count: int) -> None:
+        """Keep the first ``count`` tokens (an image placeholder counts as one)."""
+        self.ids = self.ids[:count]
+        self.labels = self.labels[:count]
+        self.offsets = self.offsets[:count]
+        self.cum = self.cum[: count + 1]
+        self.num_images = sum(1 for token in self.ids if token == self.image_token_id)
+        self.expansions = self.expansions[: self.num_images]
 
 
 def tokenize_conversation(
@@ -244,18 +257,24 @@ def tokenize_conversation(
     keep = num_pairs
     truncated = False
     if max_length is not None and encoded.length > max_length:
+
+        def fits(encoded: _Encoded, pairs: int) -> bool:
+            # Through the end of the last kept answer: text after it (ChatML's newline after
+            # <|im_end|>) is not trained on and may be cut instead of a whole pair.
+            return encoded.length_through_span(pairs - 1) <= max_length
+
         # Estimate from the full tokenization how many pairs fit, then re-render exactly that
         # conversation (its tokenization may differ slightly at the cut, so check again).
-        keep = 1
-        for pairs in range(num_pairs - 1, 0, -1):
-            if encoded.length_through_span(pairs - 1) <= max_length:
-                keep = pairs
-                break
-        encoded = encode(keep)
-        while encoded.length > max_length and keep > 1:
+        keep = next((pairs for pairs in range(num_pairs, 0, -1) if fits(encoded, pairs)), 1)
+        if keep != num_pairs:
+            encoded = encode(keep)
+        while keep > 1 and not fits(encoded, keep):
             keep -= 1
             encoded = encode(keep)
-        if encoded.length > max_length:
+        if fits(encoded, keep):
+            if encoded.length > max_length:
+                encoded.cut(encoded.tokens_through_span(keep - 1))
+        else:
             encoded, truncated = _truncate_answer(encoded, max_length), True
     input_ids = expand_images(encoded.ids, image_token_id, encoded.expansions)
     labels: list[int] = []
@@ -290,13 +309,7 @@ def _truncate_answer(encoded: _Encoded, max_length: int) -> _Encoded:
             f"the prompt alone is {prompt} tokens ({encoded.num_images} image(s) included), "
             f"no answer token fits in max_length={max_length}",
         )
-    cut = bisect_right(encoded.cum, max_length) - 1  # whole tokens (an image is one token here)
-    encoded.ids = encoded.ids[:cut]
-    encoded.labels = encoded.labels[:cut]
-    encoded.offsets = encoded.offsets[:cut]
-    encoded.cum = encoded.cum[: cut + 1]
-    encoded.num_images = sum(1 for token in encoded.ids if token == encoded.image_token_id)
-    encoded.expansions = encoded.expansions[: encoded.num_images]
+    encoded.cut(bisect_right(encoded.cum, max_length) - 1)  # whole tokens (an image is one token here)
     return encoded
 
 

@@ -2,7 +2,8 @@
 
 - the LLaVA length-and-modality grouped sampler (``group_by_modality_length``);
 - parameter groups with their own learning rates (``mm_projector_lr``, ``mm_vision_tower_lr``);
-- the bad rows the dataset skipped, counted across data-loader workers and reported;
+- the bad rows the dataset skipped and the rows it shortened to fit the length, counted across
+  data-loader workers and ranks, and reported;
 - tokens/s (of training: evaluation and checkpoint time left out) and the visual-token share in
   the logs;
 - checkpoints that are marked complete only when written, rotated only among complete ones,
@@ -48,6 +49,7 @@ class TokenPackerTrainer(Trainer):
         self.image_token_id = image_token_id
         self.trainable_only_checkpoints = trainable_only_checkpoints
         self.skipped_samples: set[str] = set()
+        self.shortened_samples: set[str] = set()
         self._tokens = 0
         self._visual_tokens = 0
         self._window_start = time.perf_counter()
@@ -95,9 +97,8 @@ class TokenPackerTrainer(Trainer):
 
     # -- loss and logging -----------------------------------------------------------------------
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        skipped = inputs.pop("skipped_samples", None)
-        if skipped:
-            self.skipped_samples.update(skipped)
+        self.skipped_samples.update(inputs.pop("skipped_samples", ()))
+        self.shortened_samples.update(inputs.pop("shortened_samples", ()))
         if model.training:
             self._count_tokens(inputs)
         elif self.args.prediction_loss_only:
@@ -138,6 +139,7 @@ class TokenPackerTrainer(Trainer):
             logs["tokens_per_second"] = round(counts[0].item() / elapsed, 1)
             logs["visual_token_share"] = round(counts[1].item() / max(counts[0].item(), 1.0), 4)
             logs["skipped_samples"] = len(self.skipped_samples)
+            logs["shortened_samples"] = len(self.shortened_samples)
             self._tokens = self._visual_tokens = 0
             self._window_start = now
         super().log(logs, start_time)
@@ -195,21 +197,34 @@ class TokenPackerTrainer(Trainer):
         super()._load_from_checkpoint(resume_from_checkpoint, model)
 
     def report_skipped(self) -> None:
-        """Log every bad row skipped on any rank (each rank saw only its own share)."""
-        skipped = set(self.skipped_samples)
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            gathered: list[set[str] | None] = [None] * dist.get_world_size()
-            dist.all_gather_object(gathered, skipped)
-            skipped = set().union(*(part or set() for part in gathered))
-        self.skipped_samples = skipped
+        """Log every bad row skipped and every row shortened on any rank (each rank saw only its
+        own share)."""
+        self.skipped_samples = _union_over_ranks(self.skipped_samples)
+        self.shortened_samples = _union_over_ranks(self.shortened_samples)
         if not self.args.should_log:
             return
-        if not skipped:
+        if self.shortened_samples:
+            logger.warning(
+                "%d row(s) were shortened to fit --model_max_length %d (turns dropped or the last answer cut):",
+                len(self.shortened_samples),
+                self.args.model_max_length,
+            )
+            for description in sorted(self.shortened_samples):
+                logger.warning("  %s", description)
+        if not self.skipped_samples:
             logger.info("no bad samples were skipped")
             return
-        logger.warning("%d bad sample(s) were skipped during training:", len(skipped))
-        for description in sorted(skipped):
+        logger.warning("%d bad sample(s) were skipped during training:", len(self.skipped_samples))
+        for description in sorted(self.skipped_samples):
             logger.warning("  %s", description)
+
+
+def _union_over_ranks(items: set[str]) -> set[str]:
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        gathered: list[set[str] | None] = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, items)
+        return set().union(*(part or set() for part in gathered))
+    return set(items)
 
 
 def _frozen_parameters_may_be_missing(module: nn.Module, incompatible_keys: Any) -> None:

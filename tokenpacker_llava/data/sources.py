@@ -188,11 +188,23 @@ def _spread(count: int, size: int) -> list[int]:
 
 
 def interleave_streaming(sources: Sequence[DataSource], seed: int = 0) -> datasets.IterableDataset:
-    """Stream several sources, drawing from each with probability proportional to its weight."""
+    """Stream several sources, drawing from each with probability proportional to its weight.
+
+    Unlike ``MixedRecords`` (weight = how many times each row is used), a stream's size is not
+    known up front, so weights here are sampling probabilities: the stream ends once every source
+    has been read through, and sources that run out earlier start over (a small source with an
+    equal weight repeats until the largest one ends).
+    """
     streams = [load_source(source, streaming=True) for source in sources]
     if len(streams) == 1:
         return streams[0]
     total = sum(source.weight for source in sources)
+    logger.info(
+        "streaming %d sources, drawn with probabilities %s until each has been read once (smaller "
+        "sources repeat)",
+        len(sources),
+        ", ".join(f"{source.path}: {source.weight / total:.3g}" for source in sources),
+    )
     return datasets.interleave_datasets(
         streams,
         probabilities=[s.weight / total for s in sources],

@@ -50,6 +50,28 @@ def convo(*pairs):
     return [{"from": speaker, "value": value} for speaker, value in pairs]
 
 
+@pytest.mark.parametrize(
+    ("question", "expected"),
+    [
+        ("<image>\nWhat is this?", "<image>\nWhat is this?"),
+        ("What is this?\n<image>", "<image>\nWhat is this?"),
+        ("What is <image> this? ", "<image>\nWhat is  this?"),
+        ("<image>", "<image>"),
+    ],
+)
+def test_a_single_image_moves_to_the_front_of_its_turn(question: str, expected: str) -> None:
+    record = parse_record(
+        {"id": "x", "image": "a.jpg", "conversations": convo(("human", question), ("gpt", "a"))}
+    )
+    assert record.turns[0].text == expected
+    # Several images in one turn stay where the text puts them.
+    two = "Compare <image> with <image>."
+    record = parse_record(
+        {"id": "y", "image": ["a.jpg", "b.jpg"], "conversations": convo(("human", two), ("gpt", "a"))}
+    )
+    assert record.turns[0].text == two
+
+
 BAD_ROWS = [
     ("not an object", "malformed"),
     ({"id": "x"}, "malformed"),

@@ -5,6 +5,11 @@ images), "conversations": [{"from": "human"|"gpt"|"system", "value": "..."}, ...
 Parsing never guesses: a row that is not a well-formed conversation raises ``BadSample``
 naming the row, its id and the reason, and the caller decides (``--on_bad_sample``)
 whether that stops the run or is skipped and counted.
+
+One normalization, LLaVA-1.5's (``preprocess_multimodal``): a user turn with a single ``<image>``
+starts with ``<image>\n`` followed by the rest of the turn, wherever the data put the
+placeholder (LLaVA's instruction data has it at either end of the question; evaluation prompts put
+it first). Turns with several images keep their placeholders where they are (interleaved text).
 """
 
 from __future__ import annotations
@@ -96,6 +101,12 @@ class Record:
         return bool(self.images)
 
 
+def image_first(text: str) -> str:
+    """``text`` with its one ``<image>`` moved to the front, on a line of its own (as LLaVA-1.5)."""
+    rest = text.replace(IMAGE_PLACEHOLDER, "").strip()
+    return f"{IMAGE_PLACEHOLDER}\n{rest}" if rest else IMAGE_PLACEHOLDER
+
+
 def parse_record(raw: Any, *, row: int | None = None, source: str | None = None) -> Record:
     """Validate one raw LLaVA record and return it as a ``Record``; raise ``BadSample`` otherwise."""
     record_id = str(raw.get("id")) if isinstance(raw, Mapping) and raw.get("id") is not None else None
@@ -155,7 +166,10 @@ def parse_record(raw: Any, *, row: int | None = None, source: str | None = None)
             raise bad(
                 "unknown_role", f"turn {index}: unknown speaker {speaker!r} (expected one of {sorted(ROLES)})"
             )
-        turns.append(Turn(ROLES[speaker], value))
+        role = ROLES[speaker]
+        if role == "user" and value.count(IMAGE_PLACEHOLDER) == 1:
+            value = image_first(value)
+        turns.append(Turn(role, value))
 
     if turns[0].role == "system":
         dialogue = turns[1:]

@@ -145,6 +145,30 @@ def test_streaming_dataset(dataset_dir, tokenizer) -> None:
         list(StreamingLlavaDataset(sources, builder_for(tokenizer), on_bad_sample="error"))
 
 
+def test_streaming_shuffles_within_a_buffer_the_same_way_on_every_rank(tmp_path, tokenizer) -> None:
+    rows = [
+        {"id": f"t{i}", "conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]}
+        for i in range(40)
+    ]
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    sources = parse_data_path(str(path))
+
+    def ids(epoch: int = 0, **options) -> list[str]:
+        stream = StreamingLlavaDataset(sources, builder_for(tokenizer), seed=3, **options)
+        stream.set_epoch(epoch)
+        return [sample["id"] for sample in stream]
+
+    in_order = [row["id"] for row in rows]
+    assert ids(shuffle_buffer=0) == in_order
+    shuffled = ids(shuffle_buffer=16)
+    assert sorted(shuffled) == sorted(in_order) and shuffled != in_order
+    assert ids(shuffle_buffer=16) == shuffled  # what another rank reads
+    assert ids(1, shuffle_buffer=16) != shuffled  # a new order each epoch
+    with pytest.raises(ValueError, match="shuffle_buffer must be >= 0"):
+        ids(shuffle_buffer=-1)
+
+
 def test_check_dataset_reports_each_bad_row(dataset_dir, tokenizer) -> None:
     sources = parse_data_path(str(dataset_dir / "data.json"), str(dataset_dir / "images"))
     report = check_dataset(

@@ -131,7 +131,11 @@ def run(
     sources = parse_data_path(data_args.data_path, data_args.image_folder)
     if data_args.streaming:
         dataset = StreamingLlavaDataset(
-            sources, builder, on_bad_sample=data_args.on_bad_sample, seed=training_args.seed
+            sources,
+            builder,
+            on_bad_sample=data_args.on_bad_sample,
+            seed=training_args.seed,
+            shuffle_buffer=data_args.shuffle_buffer,
         )
         # accelerate's default for a stream reads it on rank 0 only and sends each rank a slice of
         # one concatenated batch, which samples of different lengths cannot form: every rank reads

@@ -253,7 +253,10 @@ class StreamingLlavaDataset(torch.utils.data.IterableDataset):
         *,
         on_bad_sample: BadSamplePolicy = "error",
         seed: int = 0,
+        shuffle_buffer: int = 0,
     ) -> None:
+        """``shuffle_buffer``: rows are drawn at random from a buffer of this many (and the files'
+        order shuffled), reseeded by ``set_epoch``; 0 reads the stream in order."""
         from tokenpacker_llava.data.sources import interleave_streaming
 
         if on_bad_sample not in BAD_SAMPLE_POLICIES:
@@ -264,7 +267,11 @@ class StreamingLlavaDataset(torch.utils.data.IterableDataset):
         self.image_folder = folders.pop()
         self.builder = builder
         self.on_bad_sample = on_bad_sample
-        self.stream = interleave_streaming(sources, seed=seed)
+        stream = interleave_streaming(sources, seed=seed)
+        if shuffle_buffer < 0:
+            raise ValueError(f"shuffle_buffer must be >= 0, got {shuffle_buffer}")
+        # The same seed on every rank: each rank must read the same stream (see above).
+        self.stream = stream.shuffle(seed=seed, buffer_size=shuffle_buffer) if shuffle_buffer else stream
 
     def set_epoch(self, epoch: int) -> None:
         self.stream.set_epoch(epoch)

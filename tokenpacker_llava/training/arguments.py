@@ -117,6 +117,13 @@ class DataArguments:
     streaming: bool = field(
         default=False, metadata={"help": "Stream the training data instead of loading it."}
     )
+    shuffle_buffer: int = field(
+        default=10000,
+        metadata={
+            "help": "--streaming: draw rows at random from a buffer of this many (reshuffled every "
+            "epoch); 0 reads the stream in file order."
+        },
+    )
     on_bad_sample: str = field(
         default="error", metadata={"help": "error: stop at a bad row; skip: log and count."}
     )
@@ -304,6 +311,7 @@ def validate(model_args: ModelArguments, data_args: DataArguments, training_args
         "--streaming needs --max_steps (the stream has no length)",
     )
     check(training_args.model_max_length > 0, "--model_max_length must be positive")
+    check(data_args.shuffle_buffer >= 0, f"--shuffle_buffer {data_args.shuffle_buffer}: must be >= 0")
     unknown_parts = sorted(set(training_args.compile_parts) - set(COMPILABLE_PARTS))
     check(not unknown_parts, f"--compile_parts {unknown_parts}: choose from {COMPILABLE_PARTS}")
     deepspeed_config = getattr(training_args, "hf_deepspeed_config", None)

@@ -167,11 +167,14 @@ class RowChecker:
             full = tokenize_conversation(
                 record.turns, self.template, self.tokenizer, max_length=None, **tokenize
             )
-            shortened = self.max_length is not None and len(full.input_ids) > self.max_length
-            if shortened:  # raises too_long when dropping turns cannot make it fit
-                tokenize_conversation(
+            shortened = False
+            if self.max_length is not None and len(full.input_ids) > self.max_length:
+                # As training fits it (too_long when it cannot); cutting only untrained text after
+                # the last answer does not count as shortening.
+                fitted = tokenize_conversation(
                     record.turns, self.template, self.tokenizer, max_length=self.max_length, **tokenize
                 )
+                shortened = bool(fitted.dropped_turns or fitted.truncated_answer)
         except BadSample as error:
             raise error.at(record.row, record.id) from None
         return len(full.input_ids), shortened

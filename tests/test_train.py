@@ -326,9 +326,14 @@ def test_lora_stage2_and_merge(parts, stage1_dir, tmp_path) -> None:
         "8",
         "--max_steps",
         "3",
+        # The held-out loss through peft's wrapper, computed by the chunked loss (no logits).
+        *("--eval_data_path", str(parts["instructions"]), "--loss_chunk_size", "8"),
     )
     trainer = train(argv)
     peft_model = trainer.model
+    final_eval = json.loads((output / "eval_results.json").read_text())["eval_loss"]
+    trainer.model.use_chunked_loss(None)  # the same evaluation with the LLM's own loss and logits
+    assert trainer.evaluate()["eval_loss"] == pytest.approx(final_eval, rel=1e-5)
     assert (output / "adapter_model.safetensors").is_file() and (output / "adapter_config.json").is_file()
     trainable = {n for n, p in peft_model.named_parameters() if p.requires_grad}
     assert any("lora_A" in n for n in trainable) and any("projector.modules_to_save" in n for n in trainable)

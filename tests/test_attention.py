@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from tokenpacker_llava.models.attention import (
@@ -145,6 +146,36 @@ def test_everything_else_is_plain_sdpa() -> None:
     )
     reference, _ = sdpa_attention_forward(decoder, q2, k2, v2, mask)
     torch.testing.assert_close(out, reference, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("model_type", ["mistral", "qwen2"])
+def test_sliding_window_models_keep_their_window_on_packed_rows(model_type: str) -> None:
+    # Mistral passes its window to the attention function, Qwen2 keeps it on the module: either
+    # way a packed row must not lose it (samples longer than the window here).
+    extra = {"use_sliding_window": True, "max_window_layers": 0} if model_type == "qwen2" else {}
+    config = AutoConfig.for_model(
+        model_type,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=300,
+        sliding_window=3,
+        **extra,
+    )
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+    ids = torch.randint(3, 300, (1, 16))
+    lengths = (5, 9, 2)
+    position_ids = torch.cat([torch.arange(n) for n in lengths])[None]
+    with torch.no_grad():
+        alone = torch.cat(
+            [model(input_ids=part, use_cache=False).logits for part in ids.split(lengths, dim=1)], dim=1
+        )
+        model.set_attn_implementation("sdpa_varlen")
+        packed = model(input_ids=ids, position_ids=position_ids, use_cache=False).logits
+    torch.testing.assert_close(packed, alone, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -104,10 +104,18 @@ def test_llms_whose_loss_is_more_than_cross_entropy_of_the_head_are_refused() ->
     for setting, value in (
         ("final_logit_softcapping", 30.0),
         ("logit_scale", 0.0625),
+        ("logits_scaling", 8.0),  # Granite
+        ("lm_head_multiplier", 2),  # Falcon-H1
         ("output_router_logits", True),
     ):
         reason = chunked_loss_unsupported(SimpleNamespace(model_type="x", **{setting: value}))
         assert reason is not None and setting in reason
+    for setting, value in (("logit_scale", 1), ("logits_scaling", 1.0), ("lm_head_multiplier", 1)):
+        assert chunked_loss_unsupported(SimpleNamespace(model_type="x", **{setting: value})) is None
+    granite = tiny_model(text="granite")
+    granite.config.text_config.logits_scaling = 8.0
+    with pytest.raises(ValueError, match="granite has logits_scaling=8.0"):
+        granite.use_chunked_loss(8)
     model = tiny_model()
     model.config.text_config.final_logit_softcapping = 30.0
     with pytest.raises(ValueError, match="final_logit_softcapping=30.0"):

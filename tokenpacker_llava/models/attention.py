@@ -94,12 +94,14 @@ def sdpa_varlen_attention_forward(
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", False)
     lengths = None
     # Only the self-attention of a full row qualifies: no cache offset, no sliding window (its
-    # mask would be dropped here), causal, one row.
+    # mask would be dropped here; Qwen2 keeps the window on the module, Mistral passes it as an
+    # argument), causal, one row.
     if (
         causal
         and query.shape[0] == 1
         and query.shape[2] == key.shape[2]
         and getattr(module, "sliding_window", None) is None
+        and kwargs.get("sliding_window") is None
     ):
         lengths = packed_lengths(query.shape[2], kwargs.get("position_ids"), kwargs.get("cu_seq_lens_q"))
     if lengths is None:

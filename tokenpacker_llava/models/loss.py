@@ -29,16 +29,25 @@ IGNORE_INDEX = -100
 # chunked loss would silently compute something else.
 _UNSUPPORTED_SETTINGS = {
     "final_logit_softcapping": ((None,), "its logits are soft-capped after the head"),
-    "logit_scale": ((None, 1.0), "its logits are scaled after the head"),
+    "logit_scale": ((None, 1.0), "its logits are scaled after the head"),  # Cohere
+    "logits_scaling": ((None, 1.0), "its logits are divided by it after the head"),  # Granite
+    "lm_head_multiplier": ((None, 1.0), "its logits are multiplied by it after the head"),  # Falcon-H1
     "output_router_logits": ((None, False), "its loss adds the router's auxiliary loss"),
 }
+
+
+def _neutral(value, same) -> bool:
+    if value is same:
+        return True
+    number = isinstance(value, int | float) and not isinstance(value, bool)
+    return number and isinstance(same, float) and value == same
 
 
 def chunked_loss_unsupported(text_config) -> str | None:
     """Why the chunked loss cannot replace this LLM's own loss, or None when it can."""
     for name, (neutral, reason) in _UNSUPPORTED_SETTINGS.items():
         value = getattr(text_config, name, None)
-        if not any(value is same or (type(value) is float and value == same) for same in neutral):
+        if not any(_neutral(value, same) for same in neutral):
             return f"{text_config.model_type} has {name}={value!r}: {reason}"
     return None
 

@@ -96,6 +96,11 @@ def packed_stage2(parts, stage1: Path, output: Path, deepspeed_config: str, *ext
     return output
 
 
+# The projector's own learning rate (5x the LLM's) in both ZeRO-3 runs: the offload run must keep
+# the parameter groups to match.
+MM_PROJECTOR_LR = ("--mm_projector_lr", "1e-3")
+
+
 @pytest.fixture(scope="module")
 def zero3_stage2(parts, zero2_stage1, tmp_path_factory) -> Path:
     # The chunked loss (as the stage scripts default): the LM head's weight is partitioned and
@@ -110,6 +115,7 @@ def zero3_stage2(parts, zero2_stage1, tmp_path_factory) -> Path:
         "--loss_chunk_size",
         "16",
         *("--eval_data_path", str(parts["captions"]), "--eval_strategy", "steps", "--eval_steps", "2"),
+        *MM_PROJECTOR_LR,
     )
 
 
@@ -242,10 +248,21 @@ def test_zero3_offload_with_the_llms_own_loss_matches_zero3_with_the_chunked_los
     parts, zero2_stage1, zero3_stage2, tmp_path
 ) -> None:
     # The shipped offload config: parameters and Adam states on the CPU (DeepSpeedCPUAdam,
-    # compiled once into .cache), and the LLM's own loss over full logits. Same data, init and
-    # schedule as the ZeRO-3 run with the chunked loss: the same losses and gradient norms (which
-    # include the LM head's gradient, computed by the chunked loss there).
-    output = packed_stage2(parts, zero2_stage1, tmp_path / "offload", "configs/zero3_offload.json")
+    # compiled once into .cache, built by the trainer with its parameter groups), and the LLM's
+    # own loss over full logits. Same data, init, schedule and projector learning rate as the
+    # ZeRO-3 run with the chunked loss: the same losses and gradient norms (which include the LM
+    # head's gradient, computed by the chunked loss there).
+    output = tmp_path / "offload"
+    projector = zero2_stage1 / "projector.safetensors"
+    result = torchrun(
+        stage2_args(
+            parts, output, projector, "--deepspeed", "configs/zero3_offload.json", "--packing", "True"
+        )
+        + list(MM_PROJECTOR_LR)
+    )
+    assert "optimizer DeepSpeedCPUAdam, parameter groups: projector: 9 tensors, lr 0.001" in (
+        result.stdout + result.stderr
+    )
     for key in ("loss", "grad_norm"):
         expected = logged(zero3_stage2 / "checkpoint-4", key)
         assert logged(output / "checkpoint-4", key) == pytest.approx(expected, rel=1e-4, abs=1e-5), key

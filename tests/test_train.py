@@ -175,7 +175,7 @@ def test_resume_continues_exactly(parts, stage1_dir, tmp_path, stage: str) -> No
     assert first + second[2:] == pytest.approx(full, rel=1e-5, abs=1e-6)
 
 
-def test_sigterm_saves_a_checkpoint_and_stops(parts, tmp_path) -> None:
+def test_sigterm_saves_a_checkpoint_and_stops(parts, tmp_path, monkeypatch) -> None:
     output = tmp_path / "preempted"
     trainer = train(
         stage1_args(parts, output, "--max_steps", "8", "--save_steps", "100"),
@@ -184,6 +184,17 @@ def test_sigterm_saves_a_checkpoint_and_stops(parts, tmp_path) -> None:
     assert trainer.state.global_step == 4  # the step running when the signal came, then stop
     assert (output / "checkpoint-4" / COMPLETE_MARKER).is_file()
     assert signal.getsignal(signal.SIGTERM) is not None
+    # Not the end of the run: no final projector for stage 2 to pick up, and a failing exit code
+    # (job dependencies must not fire; the scheduler requeues).
+    assert trainer.preempted_by == "SIGTERM"
+    assert not (output / "projector.safetensors").exists() and not (output / "train_results.json").exists()
+    import tokenpacker_llava.train as entry
+
+    class Stopped:
+        preempted_by = "SIGUSR1"
+
+    monkeypatch.setattr(entry, "run", lambda *args: Stopped())
+    assert main(stage1_args(parts, output)) == entry.PREEMPTED_EXIT_CODE == 75
 
 
 KILL_DURING_SAVE = textwrap.dedent(

@@ -46,6 +46,8 @@ from tokenpacker_llava.training.trainer import TokenPackerTrainer
 logger = logging.getLogger("tokenpacker_llava.train")
 
 CONFIG_FILE = "training_config.json"
+# EX_TEMPFAIL: stopped by a preemption signal after saving a checkpoint; run again to resume.
+PREEMPTED_EXIT_CODE = 75
 
 
 def setup_logging(training_args: TrainingArguments) -> None:
@@ -178,6 +180,7 @@ def run(
         config = resolved_config(model_args, data_args, training_args)
         (output_dir / CONFIG_FILE).write_text(json.dumps(config, indent=2, default=str))
 
+    preemption = PreemptionCallback()
     trainer = TokenPackerTrainer(
         model=model,
         args=training_args,
@@ -185,11 +188,26 @@ def run(
         eval_dataset=eval_dataset,
         data_collator=collator,
         processing_class=tokenizer,
-        callbacks=[PreemptionCallback(), *(callbacks or [])],
+        callbacks=[preemption, *(callbacks or [])],
         image_token_id=image_token_id,
         trainable_only_checkpoints=stage == "pretrain",
     )
     result = trainer.train(resume_from_checkpoint=resume)
+    if preemption.stopped_by:
+        # Not the end of training: no final model, projector file, evaluation or push, which a
+        # next stage or job dependency would take for the finished run.
+        trainer.preempted_by = preemption.stopped_by
+        trainer.report_skipped()
+        logger.warning(
+            "stopped by %s at step %d of %d after saving checkpoint-%d; run again with "
+            "--resume_from_checkpoint auto to continue (exit code %d)",
+            preemption.stopped_by,
+            trainer.state.global_step,
+            trainer.state.max_steps,
+            trainer.state.global_step,
+            PREEMPTED_EXIT_CODE,
+        )
+        return trainer
     trainer.save_metrics("train", result.metrics)
     if eval_dataset is not None:
         trainer.save_metrics("eval", final_evaluation(trainer))
@@ -261,8 +279,8 @@ def main(argv: list[str] | None = None) -> int:
     model_args, data_args, training_args = parse_arguments(sys.argv[1:] if argv is None else argv)
     validate(model_args, data_args, training_args)
     setup_logging(training_args)
-    run(model_args, data_args, training_args)
-    return 0
+    trainer = run(model_args, data_args, training_args)
+    return PREEMPTED_EXIT_CODE if trainer.preempted_by else 0
 
 
 if __name__ == "__main__":

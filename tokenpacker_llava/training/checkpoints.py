@@ -94,12 +94,14 @@ class PreemptionCallback(TrainerCallback):
     """On SIGTERM/SIGUSR1: save a checkpoint after the current step, then stop.
 
     All ranks must take the same decision, so the flag is all-reduced each step when training
-    is distributed (a signal may reach only some processes).
+    is distributed (a signal may reach only some processes). ``stopped_by`` then names the signal
+    on every rank, so the run can end without writing its final artifacts.
     """
 
     def __init__(self) -> None:
         self.requested = False
         self.signal_name: str | None = None
+        self.stopped_by: str | None = None
         self._previous: dict[int, object] = {}
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
@@ -125,4 +127,5 @@ class PreemptionCallback(TrainerCallback):
         if requested:
             control.should_save = True
             control.should_training_stop = True
+            self.stopped_by = self.signal_name or "a preemption signal (on another rank)"
         return control

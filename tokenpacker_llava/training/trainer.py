@@ -48,6 +48,7 @@ class TokenPackerTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.image_token_id = image_token_id
         self.trainable_only_checkpoints = trainable_only_checkpoints
+        self.preempted_by: str | None = None  # set by train.run when a signal stopped training
         self.skipped_samples: set[str] = set()
         self.shortened_samples: set[str] = set()
         self._tokens = 0
@@ -92,8 +93,42 @@ class TokenPackerTrainer(Trainer):
                 group["lr"] = special[part]
             param_groups.append(group)
         optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, model)
+        if self._offloads_optimizer():
+            optimizer_cls, optimizer_kwargs = self._cpu_adam(optimizer_kwargs)
         self.optimizer = optimizer_cls(param_groups, **optimizer_kwargs)
+        if self.args.should_log:
+            logger.info(
+                "optimizer %s, parameter groups: %s",
+                optimizer_cls.__name__,
+                "; ".join(
+                    f"{part}{'' if with_decay else ' (no decay)'}: {len(parameters)} tensors, lr "
+                    f"{special[part] if part != 'rest' else self.args.learning_rate:g}"
+                    for (part, with_decay), parameters in groups.items()
+                ),
+            )
         return self.optimizer
+
+    def _offloads_optimizer(self) -> bool:
+        config = getattr(self.args, "hf_deepspeed_config", None)
+        return config is not None and config.get_value("zero_optimization.offload_optimizer.device") in (
+            "cpu",
+            "nvme",
+        )
+
+    def _cpu_adam(self, optimizer_kwargs: dict[str, Any]) -> tuple[type, dict[str, Any]]:
+        """DeepSpeed's CPU AdamW for ZeRO optimizer offload (DeepSpeed refuses a PyTorch optimizer
+        there), built here rather than from a DeepSpeed ``optimizer`` block so that it keeps the
+        parameter groups and their learning rates."""
+        optim = str(getattr(self.args.optim, "value", self.args.optim))
+        if "adamw" not in optim:
+            raise ValueError(
+                f"ZeRO optimizer offload runs AdamW on the CPU (DeepSpeedCPUAdam); --optim {optim} "
+                "cannot be offloaded"
+            )
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        kept = {key: optimizer_kwargs[key] for key in ("lr", "betas", "eps") if key in optimizer_kwargs}
+        return DeepSpeedCPUAdam, {**kept, "adamw_mode": True}
 
     # -- loss and logging -----------------------------------------------------------------------
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):

@@ -21,7 +21,13 @@ from transformers import TrainerCallback
 from tokenpacker_llava import TokenPackerLlavaForConditionalGeneration
 from tokenpacker_llava.train import main, run
 from tokenpacker_llava.training.arguments import parse_arguments, validate
-from tokenpacker_llava.training.checkpoints import COMPLETE_MARKER, latest_complete_checkpoint
+from tokenpacker_llava.training.checkpoints import (
+    COMPLETE_MARKER,
+    latest_complete_checkpoint,
+    resolve_resume,
+    rotate,
+    unmark_complete,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -245,6 +251,9 @@ BAD_OPTIONS = [
     (["--compile_parts", "llm"], "--compile_parts \\['llm'\\]: choose from"),
     (["--compile_parts", "projector", "--deepspeed", "configs/zero3.json"], "does not work under ZeRO-3"),
     (["--eval_strategy", "steps"], "--eval_strategy steps needs --eval_data_path"),
+    (["--label_smoothing_factor", "0.1"], "--label_smoothing_factor: the Trainer's label smoother"),
+    (["--save_only_model", "True", "--resume_from_checkpoint", "auto"], "resuming from them is not exact"),
+    (["--push_to_hub", "True"], "--push_to_hub uploads a full stage-2 model folder"),
     (["--eval_data_path", "held_out.json"], "--eval_data_path held_out.json: file not found"),
 ]
 
@@ -277,6 +286,60 @@ def test_tokens_per_second_leaves_evaluation_time_out(parts, tmp_path) -> None:
     rates = {e["step"]: e["tokens_per_second"] for e in trainer.state.log_history if "tokens_per_second" in e}
     assert rates.keys() == {1, 2, 3, 4}
     assert rates[3] > 0.5 * min(rates[1], rates[2], rates[4]), rates
+
+
+def test_rotation_keeps_the_newest_and_the_best_and_a_fresh_start_refuses_old_checkpoints(tmp_path) -> None:
+    for step in (1, 2, 3, 4, 5):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        if step != 5:  # checkpoint-5: being written
+            (tmp_path / f"checkpoint-{step}" / COMPLETE_MARKER).write_text("complete\n")
+    rotate(tmp_path, 1, protect=[tmp_path / "checkpoint-4", tmp_path / "checkpoint-2"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-2", "checkpoint-4", "checkpoint-5"]
+    unmark_complete(tmp_path / "checkpoint-4")  # rewritten from now on: not resumable until marked again
+    assert latest_complete_checkpoint(tmp_path).name == "checkpoint-2"
+    with pytest.raises(ValueError, match="already holds checkpoints of an earlier run"):
+        resolve_resume(None, tmp_path)
+    assert resolve_resume(None, tmp_path / "new") is None
+
+
+def test_the_best_checkpoint_survives_rotation(parts, stage1_dir, tmp_path) -> None:
+    output = tmp_path / "best"
+    argv = stage2_args(parts, output, stage1_dir / "projector.safetensors", "--save_steps", "1")
+    argv += ["--eval_data_path", str(parts["instructions"]), "--eval_strategy", "steps", "--eval_steps", "1"]
+    argv += ["--load_best_model_at_end", "True", "--save_total_limit", "1", "--learning_rate", "5e-2"]
+    trainer = train(argv)
+    best = Path(trainer.state.best_model_checkpoint)
+    # Rotation kept it while training (it used to delete it, and loading it at the end failed);
+    # at the end transformers keeps only the best when the limit is 1.
+    assert [path.name for path in output.glob("checkpoint-*")] == [best.name]
+    assert (best / COMPLETE_MARKER).is_file()
+
+
+def test_only_the_saving_process_writes_the_projector(tmp_path) -> None:
+    from conftest import tiny_model
+
+    from tokenpacker_llava.training.projector_io import save_projector
+
+    model = tiny_model()
+    save_projector(model, tmp_path / "other_rank.safetensors", write=False)
+    assert not (tmp_path / "other_rank.safetensors").exists()
+    assert save_projector(model, tmp_path / "main.safetensors").is_file()
+
+
+def test_stage2_options_that_would_be_ignored_are_refused(parts, tmp_path) -> None:
+    stage2 = stage2_args(parts, tmp_path / "x", None)
+    for extra, message in (
+        (
+            ["--lora_enable", "True", "--unfreeze_mm_vision_tower", "True"],
+            "trains and saves only the adapters",
+        ),
+        (["--lora_enable", "True", "--push_to_hub", "True"], "merge first"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            main([*stage2, *extra])
+    with pytest.raises(ValueError, match="stage-1 checkpoints hold the projector only"):
+        best = ["--load_best_model_at_end", "True", "--eval_strategy", "steps"]
+        main(stage1_args(parts, tmp_path / "y", *best, "--eval_data_path", str(parts["captions"])))
 
 
 def test_held_out_data_is_read_once(parts, tmp_path) -> None:

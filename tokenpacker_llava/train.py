@@ -239,7 +239,7 @@ def save_final(
 
     output_dir = Path(training_args.output_dir)
     trainer.save_model(str(output_dir))
-    save_projector(trainer.model, output_dir / PROJECTOR_FILE)
+    save_projector(trainer.model, output_dir / PROJECTOR_FILE, write=training_args.should_save)
     trainer.save_state()
     if training_args.should_save and not plottable(trainer.state.log_history):
         logger.info(
@@ -263,12 +263,17 @@ def save_final(
                 "language_model": model_args.model_name_or_path,
                 "vision_tower": model_args.vision_tower or "",
             },
-            datasets=[path for path in data_args.data_path if not Path(path).exists()],
+            # Hub dataset ids only (weights and local files left out).
+            datasets=[
+                source.path
+                for source in parse_data_path(data_args.data_path)
+                if not source.is_record_file and not Path(source.path).exists()
+            ],
             repo_id=push_to,
         )
     trainer.accelerator.wait_for_everyone()
     logger.info("saved the final %s artifacts to %s", model_args.stage, output_dir)
-    if push_to and training_args.should_save:
+    if push_to and trainer.is_world_process_zero():
         url = push_folder(
             output_dir, push_to, token=training_args.hub_token, private=bool(training_args.hub_private_repo)
         )

@@ -281,6 +281,31 @@ def validate(model_args: ModelArguments, data_args: DataArguments, training_args
         training_args.mm_vision_tower_lr is None or model_args.unfreeze_mm_vision_tower,
         "--mm_vision_tower_lr needs --unfreeze_mm_vision_tower",
     )
+    check(
+        not (training_args.lora_enable and model_args.unfreeze_mm_vision_tower),
+        "--lora_enable with --unfreeze_mm_vision_tower: the LoRA model trains and saves only the adapters "
+        "and the projector; train the tower in a full stage-2 run",
+    )
+    check(
+        training_args.label_smoothing_factor == 0,
+        "--label_smoothing_factor: the Trainer's label smoother does not shift a multimodal model's labels "
+        "(it would train each position on its own token); not supported",
+    )
+    check(
+        not (training_args.save_only_model and training_args.resume_from_checkpoint is not None),
+        "--save_only_model checkpoints hold no optimizer, scheduler or RNG state, so resuming from them "
+        "is not exact: drop --save_only_model or --resume_from_checkpoint (scripts: RESUME=)",
+    )
+    check(
+        not (stage1 and training_args.load_best_model_at_end),
+        "--load_best_model_at_end: stage-1 checkpoints hold the projector only; pick a checkpoint's "
+        "projector.safetensors by its eval loss instead",
+    )
+    check(
+        not training_args.push_to_hub or not (stage1 or training_args.lora_enable),
+        "--push_to_hub uploads a full stage-2 model folder: for LoRA, merge first (tokenpacker-llava "
+        "merge-lora) and upload with `tokenpacker-llava push`; stage 1 has only a projector",
+    )
     check(training_args.bits in (4, 8, 16), f"--bits {training_args.bits}: choose 16, 8 or 4")
     if training_args.bits != 16:
         import importlib.util

@@ -13,6 +13,7 @@ import logging
 import re
 import shutil
 import signal
+from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
 
@@ -60,9 +61,26 @@ def latest_complete_checkpoint(output_dir: str | Path) -> Path | None:
     return complete[-1] if complete else None
 
 
+def unmark_complete(checkpoint: str | Path) -> None:
+    """Before (re)writing a checkpoint folder: until the new marker, it is not complete."""
+    (Path(checkpoint) / COMPLETE_MARKER).unlink(missing_ok=True)
+
+
 def resolve_resume(requested: str | None, output_dir: str | Path) -> str | None:
-    """``auto`` -> the latest complete checkpoint (or None); a path must be complete."""
+    """``auto`` -> the latest complete checkpoint (or None); a path must be complete.
+
+    A fresh start (None) in a folder that already holds checkpoints is refused: the new run's
+    checkpoints would mix with the old ones, and a later ``auto`` resume could pick an old one.
+    """
     if requested is None:
+        existing = checkpoints(output_dir)
+        if existing:
+            names = ", ".join(path.name for path in existing[-3:])
+            raise ValueError(
+                f"{output_dir} already holds checkpoints of an earlier run ({names}): continue it with "
+                "--resume_from_checkpoint auto (scripts: RESUME=auto), or start over in another --output_dir "
+                "or after deleting them"
+            )
         return None
     if requested == "auto":
         latest = latest_complete_checkpoint(output_dir)
@@ -73,15 +91,17 @@ def resolve_resume(requested: str | None, output_dir: str | Path) -> str | None:
     return requested
 
 
-def rotate(output_dir: str | Path, keep: int | None, protect: Path | None = None) -> None:
-    """Delete the oldest complete checkpoints beyond ``keep``; incomplete ones are removed too,
-    except the newest folder, which may be one being written by a concurrent save."""
+def rotate(output_dir: str | Path, keep: int | None, protect: Sequence[Path] = ()) -> None:
+    """Delete the oldest complete checkpoints beyond ``keep``, never one in ``protect`` (the one
+    just written, the best one); incomplete ones are removed too, except the newest folder, which
+    may be one being written by a concurrent save."""
     if not keep:
         return
     existing = checkpoints(output_dir)
     complete = [path for path in existing if is_complete(path)]
+    protected = {Path(path).resolve() for path in protect}
     for path in complete[: max(0, len(complete) - keep)]:
-        if path != protect:
+        if path.resolve() not in protected:
             logger.info("deleting old checkpoint %s (save_total_limit %d)", path, keep)
             shutil.rmtree(path, ignore_errors=True)
     for path in existing[:-1]:

@@ -61,5 +61,8 @@ def merge_lora(run_dir: str | Path, output_dir: str | Path, *, dtype: torch.dtyp
     merged.save_pretrained(output_dir)
     tokenizer.save_pretrained(output_dir)
     load_image_processor(model_args).save_pretrained(output_dir)
+    # The run's options (its conversation template among them), which inference reads as it does
+    # from a full stage-2 folder.
+    (output_dir / "training_config.json").write_text((run_dir / "training_config.json").read_text())
     logger.info("merged %s into %s", run_dir, output_dir)
     return output_dir

@@ -77,13 +77,15 @@ def gathered(module: nn.Module, modify: bool) -> Iterator[bool]:
         yield dist.get_rank() == 0
 
 
-def save_projector(model: nn.Module, path: str | Path) -> Path:
-    """Write the projector and its metadata (on the main process only under ZeRO-3)."""
+def save_projector(model: nn.Module, path: str | Path, *, write: bool = True) -> Path:
+    """Write the projector and its metadata where ``write`` (in a distributed run: the saving
+    process; under ZeRO-3 the gathering rank 0). Every rank must call it: ZeRO-3 gathers the
+    parameters collectively."""
     path = Path(path)
     base = unwrap_peft_model(model)
     projector = trained_projector(model)
     with gathered(projector, modify=False) as is_writer:
-        if is_writer:
+        if is_writer and write:
             tensors = {k: v.detach().cpu().contiguous() for k, v in projector.state_dict().items()}
             path.parent.mkdir(parents=True, exist_ok=True)
             save_file(tensors, str(path), metadata=projector_metadata(base.config))

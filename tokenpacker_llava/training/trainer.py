@@ -29,7 +29,7 @@ from transformers.trainer import SCHEDULER_NAME
 from transformers.trainer_pt_utils import get_parameter_names
 
 from tokenpacker_llava.data.sampler import ModalityLengthGroupedSampler
-from tokenpacker_llava.training.checkpoints import mark_complete, rotate
+from tokenpacker_llava.training.checkpoints import mark_complete, rotate, unmark_complete
 from tokenpacker_llava.training.projector_io import PROJECTOR_FILE, load_projector, save_projector
 
 logger = logging.getLogger(__name__)
@@ -190,17 +190,20 @@ class TokenPackerTrainer(Trainer):
     def _save_complete_checkpoint(self, model, trial) -> None:
         # Rotation is ours: it must only ever delete complete checkpoints, after the new one is.
         limit = self.args.save_total_limit
+        output_dir = Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}"
+        if self.args.should_save:
+            unmark_complete(output_dir)  # a folder of the same step from before is rewritten now
         self.args.save_total_limit = None
         try:
             super()._save_checkpoint(model, trial)
         finally:
             self.args.save_total_limit = limit
-        output_dir = Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}"
-        save_projector(self.model, output_dir / PROJECTOR_FILE)
+        save_projector(self.model, output_dir / PROJECTOR_FILE, write=self.args.should_save)
         self.accelerator.wait_for_everyone()
         if self.args.should_save:
             mark_complete(output_dir)
-            rotate(output_dir.parent, limit, protect=output_dir)
+            best = self.state.best_model_checkpoint
+            rotate(output_dir.parent, limit, protect=[output_dir, *([Path(best)] if best else [])])
         self.accelerator.wait_for_everyone()
 
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
@@ -208,8 +211,11 @@ class TokenPackerTrainer(Trainer):
             return super()._save(output_dir, state_dict)
         # Stage 1: the frozen vision tower and LLM come from their pretrained sources on resume.
         output_dir = output_dir or self.args.output_dir
+        # Called on every rank (the ZeRO-3 gather needs them all); one of them writes.
+        save_projector(self.model, Path(output_dir) / PROJECTOR_FILE, write=self.args.should_save)
+        if not self.args.should_save:
+            return
         os.makedirs(output_dir, exist_ok=True)
-        save_projector(self.model, Path(output_dir) / PROJECTOR_FILE)
         self.model.config.save_pretrained(output_dir)
         Path(output_dir, TRAINABLE_ONLY_MARKER).write_text("projector only; see projector.safetensors\n")
         if self.processing_class is not None:

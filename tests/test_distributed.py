@@ -159,26 +159,30 @@ def test_zero3_loads_a_projector_into_partitioned_parameters(
         torch.testing.assert_close(final[key], value, msg=key)  # lr 0: exactly what was loaded
 
 
-def resumed_losses(args: list[str], full: Path, tmp_path: Path) -> list[float]:
-    """Losses of a run resumed from ``full``'s step-2 checkpoint, copied to a fresh folder (a
-    run stopped after step 2 is exactly that checkpoint)."""
+def resumed_losses(args: list[str], full: Path, tmp_path: Path, step: int = 2, last: int = 4) -> list[float]:
+    """Losses of a run resumed from ``full``'s checkpoint at ``step``, copied to a fresh folder
+    (a run stopped after that step is exactly that checkpoint), up to step ``last``."""
     resumed = tmp_path / "resumed"
     resumed.mkdir()
-    shutil.copytree(full / "checkpoint-2", resumed / "checkpoint-2")
+    shutil.copytree(full / f"checkpoint-{step}", resumed / f"checkpoint-{step}")
     args = list(args)
     args[args.index("--output_dir") + 1] = str(resumed)
     torchrun([*args, "--resume_from_checkpoint", "auto"])
-    return logged_losses(resumed / "checkpoint-4")
+    return logged_losses(resumed / f"checkpoint-{last}")
 
 
 def test_zero2_resume_continues_exactly(parts, zero2_stage1, tmp_path) -> None:
+    # 30 rows, 8 per step over the 2 ranks: 4 steps per epoch; resumed at step 6, in the middle of
+    # the second epoch, whose length-grouped order must be epoch 1's, not epoch 0's again.
     full = tmp_path / "full"
     args = stage2_args(
         parts, full, zero2_stage1 / "projector.safetensors", "--deepspeed", "configs/zero2.json"
     )
+    args[args.index("--max_steps") + 1] = "8"
     torchrun(args)
-    expected = logged_losses(full / "checkpoint-4")
-    assert resumed_losses(args, full, tmp_path) == pytest.approx(expected, rel=1e-5, abs=1e-6)
+    expected = logged_losses(full / "checkpoint-8")
+    assert len(expected) == 8
+    assert resumed_losses(args, full, tmp_path, step=6, last=8) == pytest.approx(expected, rel=1e-5, abs=1e-6)
 
 
 @pytest.mark.parametrize("config", ["zero2", "zero3"])

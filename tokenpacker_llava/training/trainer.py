@@ -49,6 +49,7 @@ class TokenPackerTrainer(Trainer):
         self.image_token_id = image_token_id
         self.trainable_only_checkpoints = trainable_only_checkpoints
         self.preempted_by: str | None = None  # set by train.run when a signal stopped training
+        self._grouped_sampler: ModalityLengthGroupedSampler | None = None
         self.skipped_samples: set[str] = set()
         self.shortened_samples: set[str] = set()
         self._tokens = 0
@@ -64,14 +65,22 @@ class TokenPackerTrainer(Trainer):
     def _get_train_sampler(self, train_dataset=None):
         dataset = train_dataset if train_dataset is not None else self.train_dataset
         if self.args.group_by_modality_length:
-            return ModalityLengthGroupedSampler(
+            self._grouped_sampler = ModalityLengthGroupedSampler(
                 dataset.modality_lengths,
                 batch_size=self.args.train_batch_size,
                 # LLaVA groups over everything that forms one optimizer step.
                 world_size=self.args.world_size * self.args.gradient_accumulation_steps,
                 seed=self.args.seed,
             )
+            return self._grouped_sampler
         return super()._get_train_sampler(train_dataset)
+
+    def _run_epoch(self, *args: Any, **kwargs: Any):
+        # On several ranks, a data loader resumed mid-epoch (accelerate's skip_first_batches) does
+        # not pass set_epoch on to the sampler: without this, epoch >= 1 would replay epoch 0's order.
+        if self._grouped_sampler is not None:
+            self._grouped_sampler.set_epoch(kwargs["epoch"])
+        return super()._run_epoch(*args, **kwargs)
 
     # -- optimizer ------------------------------------------------------------------------------
     def create_optimizer(self, model=None):

@@ -98,10 +98,12 @@ def run(
     )
     full_model = stage == "finetune" and not training_args.lora_enable
     half_precision_frozen_parts(model, training_args, saves_frozen_parts=full_model)
-    if training_args.gradient_checkpointing and training_args.gradient_checkpointing_kwargs is None:
-        # Non-reentrant checkpointing needs no inputs that require grad, so frozen
-        # embeddings (stage 1, LoRA) work without hooks.
-        training_args.gradient_checkpointing_kwargs = {"use_reentrant": False}
+    if training_args.activation_checkpointing and training_args.activation_checkpointing_kwargs is None:
+        # Non-reentrant checkpointing needs no inputs that require grad, so frozen embeddings
+        # (stage 1, LoRA) work without hooks. (transformers 5's default too; said here so that it
+        # does not depend on it. gradient_checkpointing_kwargs is the deprecated alias, already
+        # folded into this field when the arguments were parsed.)
+        training_args.activation_checkpointing_kwargs = {"use_reentrant": False}
     if training_args.lora_enable:
         model = apply_lora(model, training_args, train_projector)
     # After LoRA: peft copies the projector (modules_to_save), and a copy of a compiled module

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from training_util import make_parts, stage1_args, stage2_args
+from training_util import LORA_ARGS, make_parts, stage1_args, stage2_args
 
 from tokenpacker_llava import TokenPackerLlavaForConditionalGeneration
 
@@ -221,12 +221,7 @@ def test_lora_under_zero3(parts, zero2_stage1, tmp_path) -> None:
             zero2_stage1 / "projector.safetensors",
             "--deepspeed",
             "configs/zero3.json",
-            "--lora_enable",
-            "True",
-            "--lora_r",
-            "4",
-            "--lora_alpha",
-            "8",
+            *LORA_ARGS,
             "--max_steps",
             "2",
             "--loss_chunk_size",

@@ -12,35 +12,22 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
-from training_util import make_parts, stage1_args, stage2_args
+from training_util import LORA_ARGS, make_parts, stage1_args, stage2_args, train
 
 from tokenpacker_llava import TokenPackerLlavaForConditionalGeneration
 from tokenpacker_llava.cli import main as cli
 from tokenpacker_llava.data.records import Turn
 from tokenpacker_llava.inference.loading import load_model
 from tokenpacker_llava.tokenization import slice_separator_ids
-from tokenpacker_llava.train import run
-from tokenpacker_llava.training.arguments import parse_arguments, validate
 
 LORA = (
-    "--lora_enable",
-    "True",
-    "--lora_r",
-    "4",
-    "--lora_alpha",
-    "8",
+    *LORA_ARGS,
     "--max_steps",
     "2",
     "--save_strategy",
     "no",
 )
 IMAGE_MODE_KEYS = ("image_aspect_ratio", "patch_num", "slice_separator_ids")
-
-
-def train(argv: list[str]):
-    model_args, data_args, training_args = parse_arguments(argv)
-    validate(model_args, data_args, training_args)
-    return run(model_args, data_args, training_args)
 
 
 def merge(run_dir: Path, merged_dir: Path) -> Path:

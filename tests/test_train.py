@@ -15,12 +15,12 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from training_util import losses, make_parts, stage1_args, stage2_args
+from training_util import LORA_ARGS, losses, make_parts, stage1_args, stage2_args, train
 from transformers import TrainerCallback
 
 from tokenpacker_llava import TokenPackerLlavaForConditionalGeneration
-from tokenpacker_llava.train import main, run
-from tokenpacker_llava.training.arguments import parse_arguments, validate
+from tokenpacker_llava.train import main
+from tokenpacker_llava.training.arguments import parse_arguments
 from tokenpacker_llava.training.checkpoints import (
     COMPLETE_MARKER,
     latest_complete_checkpoint,
@@ -42,12 +42,6 @@ def stage1_dir(parts, tmp_path_factory) -> Path:
     output = tmp_path_factory.mktemp("stage1")
     assert main(stage1_args(parts, output)) == 0
     return output
-
-
-def train(argv: list[str], callbacks=None):
-    model_args, data_args, training_args = parse_arguments(argv)
-    validate(model_args, data_args, training_args)
-    return run(model_args, data_args, training_args, callbacks=callbacks)
 
 
 class StopAt(TrainerCallback):
@@ -392,12 +386,7 @@ def test_lora_stage2_and_merge(parts, stage1_dir, tmp_path) -> None:
         parts,
         output,
         stage1_dir / "projector.safetensors",
-        "--lora_enable",
-        "True",
-        "--lora_r",
-        "4",
-        "--lora_alpha",
-        "8",
+        *LORA_ARGS,
         "--max_steps",
         "3",
         # The held-out loss through peft's wrapper, computed by the chunked loss (no logits).

@@ -129,3 +129,17 @@ def losses(trainer) -> list[float]:
 def copy_tree(src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst)
     return dst
+
+
+# A small LoRA on the tiny LLM.
+LORA_ARGS = ("--lora_enable", "True", "--lora_r", "4", "--lora_alpha", "8")
+
+
+def train(argv: list[str], callbacks=None):
+    """Parse, validate and run ``argv`` in this process, as ``tokenpacker-llava train`` does."""
+    from tokenpacker_llava.train import run
+    from tokenpacker_llava.training.arguments import parse_arguments, validate
+
+    model_args, data_args, training_args = parse_arguments(argv)
+    validate(model_args, data_args, training_args)
+    return run(model_args, data_args, training_args, callbacks=callbacks)

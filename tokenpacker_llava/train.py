@@ -195,7 +195,7 @@ def run(
         trainable_only_checkpoints=stage == "pretrain",
     )
     result = trainer.train(resume_from_checkpoint=resume)
-    if preemption.stopped_by:
+    if preemption.stopped_by and trainer.state.global_step < trainer.state.max_steps:
         # Not the end of training: no final model, projector file, evaluation or push, which a
         # next stage or job dependency would take for the finished run.
         trainer.preempted_by = preemption.stopped_by

@@ -215,6 +215,13 @@ class TokenPackerTrainer(Trainer):
             rotate(output_dir.parent, limit, protect=[output_dir, *([Path(best)] if best else [])])
         self.accelerator.wait_for_everyone()
 
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        if not self.trainable_only_checkpoints:
+            return super().save_model(output_dir, _internal_call)
+        # Stage 1 saves the projector alone: no full state dict first (under ZeRO-3 transformers
+        # would gather the whole 16-bit model, 14 GB at 7B, only for _save to drop it).
+        self._save(output_dir)
+
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
         if not self.trainable_only_checkpoints:
             return super()._save(output_dir, state_dict)

@@ -391,6 +391,25 @@ def test_json_question_files_and_llava_conversation_rows(tmp_path) -> None:
     assert second.turns()[0].text == "<image>\nContext: none\nWhich?"
 
 
+def test_repeated_question_ids_can_be_numbered(tmp_path) -> None:
+    # LLaVA's llava_mme.jsonl: both questions of an image carry the image's path as question_id.
+    path = tmp_path / "llava_mme.jsonl"
+    rows = [
+        {"question_id": "existence/1.png", "image": "existence/1.png", "text": "Is there a dog?"},
+        {"question_id": "existence/1.png", "image": "existence/1.png", "text": "Is there a cat?"},
+        {"question_id": "count/2.png", "image": "count/2.png", "text": "Two cups?"},
+        {"question_id": "existence/1.png", "image": "existence/1.png", "text": "A third?"},
+    ]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    with pytest.raises(QuestionFileError, match="--number_duplicate_ids numbers repeats"):
+        load_questions(path)
+    questions = load_questions(path, number_duplicate_ids=True)
+    assert [q.question_id for q in questions] == [
+        "existence/1.png", "existence/1.png#2", "count/2.png", "existence/1.png#3"
+    ]  # fmt: skip
+    assert [q.text for q in questions] == [row["text"] for row in rows]
+
+
 def test_missing_and_corrupt_images_name_the_row(files, loaded, tmp_path) -> None:
     rows = [
         {"question_id": 1, "image": "red.png", "text": "a"},

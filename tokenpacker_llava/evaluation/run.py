@@ -50,11 +50,13 @@ def evaluate_model(
     dtype: str | None = None,
     model_id: str | None = None,
     loaded: Any = None,
+    number_duplicate_ids: bool = False,
 ) -> dict[str, Any]:
     """Answer ``questions`` and score them with ``benchmark``; returns what ``results.json`` holds.
 
     ``prompt_suffix`` None uses the benchmark's default (the option-letter instruction for MMBench
     and ScienceQA, nothing otherwise); "" adds nothing. ``loaded`` reuses an already loaded model.
+    ``number_duplicate_ids``: see ``load_questions``.
     """
     from tokenpacker_llava import __version__
     from tokenpacker_llava.inference.answer import answer_questions, load_questions
@@ -64,7 +66,7 @@ def evaluate_model(
     for kind, path in (("question", questions), ("annotation", annotations)):
         if not Path(path).exists():
             raise FileNotFoundError(f"{kind} file {path} does not exist")
-    question_list = load_questions(questions)
+    question_list = load_questions(questions, number_duplicate_ids=number_duplicate_ids)
     settings = settings or GenerationSettings()
     suffix = scorer.default_prompt_suffix if prompt_suffix is None else (prompt_suffix or None)
     if loaded is None:

@@ -46,7 +46,7 @@ import logging
 import os
 import string
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -200,18 +200,28 @@ def parse_question(raw: Any, where: str, row: int | None = None) -> Question:
     )
 
 
-def load_questions(path: str | Path) -> list[Question]:
-    """Every question of a ``.jsonl``/``.json`` question file, validated, in file order."""
+def load_questions(path: str | Path, *, number_duplicate_ids: bool = False) -> list[Question]:
+    """Every question of a ``.jsonl``/``.json`` question file, validated, in file order.
+
+    A repeated ``question_id`` is an error, unless ``number_duplicate_ids``: then its second,
+    third, ... occurrence becomes ``id#2``, ``id#3`` (LLaVA's ``llava_mme.jsonl`` gives both
+    questions of an image the image's path as id; the MME scorer reads the image up to the ``#``).
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"question file {path} does not exist")
     questions: list[Question] = []
     seen: dict[str, str] = {}
+    occurrences: dict[str, int] = {}
     for where, row, raw in _rows(path):
         question = parse_question(raw, where, row)
+        if question.key in seen and number_duplicate_ids:
+            occurrences[question.key] = occurrences.get(question.key, 1) + 1
+            question = replace(question, question_id=f"{question.question_id}#{occurrences[question.key]}")
         if question.key in seen:
             raise QuestionFileError(
-                f"{where}: duplicate question_id {question.question_id!r} (first at {seen[question.key]})"
+                f"{where}: duplicate question_id {question.question_id!r} (first at {seen[question.key]}); "
+                "--number_duplicate_ids numbers repeats as id#2, id#3, ... (LLaVA's MME question file)"
             )
         seen[question.key] = where
         questions.append(question)

@@ -108,6 +108,15 @@ def _run_chat(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------------------------
 
 
+def _add_duplicate_ids_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--number_duplicate_ids",
+        action="store_true",
+        help="number repeated question_ids as id#2, id#3, ... instead of failing (LLaVA's llava_mme.jsonl "
+        "gives both questions of an image the same id); use the same flag for answer, merge-answers, eval",
+    )
+
+
 def add_answer(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "answer",
@@ -133,6 +142,7 @@ def add_answer(subparsers: argparse._SubParsersAction) -> None:
         "--max_questions", type=int, help="answer at most this many new questions in this run"
     )
     parser.add_argument("--model_id", help="model_id written into the answers (default: the folder name)")
+    _add_duplicate_ids_argument(parser)
     _add_generation_arguments(parser, max_new_tokens=128)
     parser.set_defaults(func=_guarded(_run_answer))
 
@@ -140,7 +150,7 @@ def add_answer(subparsers: argparse._SubParsersAction) -> None:
 def _run_answer(args: argparse.Namespace) -> int:
     from tokenpacker_llava.inference.answer import answer_questions, load_questions, select_shard
 
-    questions = load_questions(args.questions)
+    questions = load_questions(args.questions, number_duplicate_ids=args.number_duplicate_ids)
     select_shard(questions, args.num_shards, args.shard_index)  # validates the shard before loading
     settings = _settings(args)
     run = answer_questions(
@@ -172,13 +182,14 @@ def add_merge_answers(subparsers: argparse._SubParsersAction) -> None:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--num_shards", type=int, help="merge ANSWERS.shard-i-of-N.jsonl for i < N")
     source.add_argument("--inputs", nargs="+", help="explicit shard files")
+    _add_duplicate_ids_argument(parser)
     parser.set_defaults(func=_guarded(_run_merge_answers))
 
 
 def _run_merge_answers(args: argparse.Namespace) -> int:
     from tokenpacker_llava.inference.answer import load_questions, merge_answer_files, shard_file
 
-    questions = load_questions(args.questions)
+    questions = load_questions(args.questions, number_duplicate_ids=args.number_duplicate_ids)
     inputs = args.inputs or [
         shard_file(args.answers_file, i, args.num_shards) for i in range(args.num_shards)
     ]
@@ -221,6 +232,7 @@ def add_eval(subparsers: argparse._SubParsersAction) -> None:
         "mmbench/scienceqa_img; pass '' for none)",
     )
     parser.add_argument("--model_id", help="model_id written into the answers (default: the folder name)")
+    _add_duplicate_ids_argument(parser)
     _add_generation_arguments(parser, max_new_tokens=128)
     parser.set_defaults(func=_guarded(_run_eval))
 
@@ -246,6 +258,7 @@ def _run_eval(args: argparse.Namespace) -> int:
         device=args.device,
         dtype=args.dtype,
         model_id=args.model_id,
+        number_duplicate_ids=args.number_duplicate_ids,
     )
     _print_metrics(results["metrics"])
     out = args.output_dir or eval_dir(args.model, args.benchmark)

@@ -219,7 +219,7 @@ def test_gqa(tmp_path: Path) -> None:
     metrics = score_answers("gqa", answers, annotations)
     assert metrics["accuracy"] == pytest.approx(200 / 3)
     assert metrics["binary"] == 100.0 and metrics["open"] == 50.0
-    assert metrics["num_questions"] == 3
+    assert metrics["num_questions"] == 3 and metrics["num_unanswered"] == 0  # q4 was answered
 
 
 def test_textvqa(tmp_path: Path) -> None:

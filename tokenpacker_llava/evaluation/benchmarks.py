@@ -288,7 +288,8 @@ class VQAv2(Benchmark):
             "accuracy": _percent(total, len(pairs)),
             "per_answer_type": {kind: _percent(sum(v), len(v)) for kind, v in sorted(by_type.items())},
             "num_questions": len(pairs),
-            "num_unanswered": len(rows) - len(pairs),
+            # Unbalanced questions are left out of the score, answered or not.
+            "num_unanswered": len(rows) - len(answered),
         }
 
 
@@ -299,11 +300,8 @@ class GQA(Benchmark):
     def score(self, answers, annotations):
         source = Path(annotations).name
         rows = _index(load_rows(annotations), source)
-        pairs = [
-            (answer, row)
-            for answer, row in _pair(load_answers(answers), rows, self.name, source)
-            if row.get("isBalanced", True) is not False
-        ]
+        answered = _pair(load_answers(answers), rows, self.name, source)
+        pairs = [(answer, row) for answer, row in answered if row.get("isBalanced", True) is not False]
         correct, kinds = 0, defaultdict(list)
         for answer, row in pairs:
             if not isinstance(row.get("answer"), str):
@@ -316,7 +314,8 @@ class GQA(Benchmark):
         metrics = {
             "accuracy": _percent(correct, len(pairs)),
             "num_questions": len(pairs),
-            "num_unanswered": len(rows) - len(pairs),
+            # Unbalanced questions are left out of the score, answered or not.
+            "num_unanswered": len(rows) - len(answered),
         }
         for kind, hits in sorted(kinds.items()):
             metrics[kind] = _percent(sum(hits), len(hits))
@@ -340,7 +339,8 @@ class TextVQA(Benchmark):
         return {
             "accuracy": _percent(total, len(pairs)),
             "num_questions": len(pairs),
-            "num_unanswered": len(rows) - len(pairs),
+            # Unbalanced questions are left out of the score, answered or not.
+            "num_unanswered": len(rows) - len(answered),
         }
 
 

@@ -288,8 +288,7 @@ class VQAv2(Benchmark):
             "accuracy": _percent(total, len(pairs)),
             "per_answer_type": {kind: _percent(sum(v), len(v)) for kind, v in sorted(by_type.items())},
             "num_questions": len(pairs),
-            # Unbalanced questions are left out of the score, answered or not.
-            "num_unanswered": len(rows) - len(answered),
+            "num_unanswered": len(rows) - len(pairs),
         }
 
 
@@ -339,8 +338,7 @@ class TextVQA(Benchmark):
         return {
             "accuracy": _percent(total, len(pairs)),
             "num_questions": len(pairs),
-            # Unbalanced questions are left out of the score, answered or not.
-            "num_unanswered": len(rows) - len(answered),
+            "num_unanswered": len(rows) - len(pairs),
         }
 
 

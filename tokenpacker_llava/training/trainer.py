@@ -35,6 +35,7 @@ from tokenpacker_llava.training.projector_io import PROJECTOR_FILE, load_project
 logger = logging.getLogger(__name__)
 
 TRAINABLE_ONLY_MARKER = "trainable_only"
+SHORTENED_SHOWN = 20  # rows named in the end-of-training report of shortened rows
 
 
 class TokenPackerTrainer(Trainer):
@@ -266,8 +267,13 @@ class TokenPackerTrainer(Trainer):
                 len(self.shortened_samples),
                 self.args.model_max_length,
             )
-            for description in sorted(self.shortened_samples):
+            # Trained on (unlike skipped rows), and possibly many: the first few name the pattern,
+            # `tokenpacker-llava data check` counts them all.
+            shown = sorted(self.shortened_samples)[:SHORTENED_SHOWN]
+            for description in shown:
                 logger.warning("  %s", description)
+            if len(self.shortened_samples) > len(shown):
+                logger.warning("  ... and %d more", len(self.shortened_samples) - len(shown))
         if not self.skipped_samples:
             logger.info("no bad samples were skipped")
             return

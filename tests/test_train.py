@@ -465,7 +465,10 @@ def test_unfrozen_vision_tower_gets_its_own_learning_rate(parts, stage1_dir, tmp
     assert by_lr == {"vision_tower": {1e-5}, "projector": {3e-4}, "language_model": {2e-4}}
 
 
-def test_skip_policy_through_the_entry_point(parts, stage1_dir, tmp_path, caplog) -> None:
+def test_skip_policy_through_the_entry_point(parts, stage1_dir, tmp_path, caplog, monkeypatch) -> None:
+    import tokenpacker_llava.training.trainer as trainer_module
+
+    monkeypatch.setattr(trainer_module, "SHORTENED_SHOWN", 3)  # the report names 3, counts the rest
     rows = json.loads(parts["instructions"].read_text())
     rows.insert(1, {"id": "no-image-file", "image": "missing.png", "conversations": rows[0]["conversations"]})
     rows.insert(5, {"id": "no-answer", "conversations": [{"from": "human", "value": "hi"}]})
@@ -487,6 +490,7 @@ def test_skip_policy_through_the_entry_point(parts, stage1_dir, tmp_path, caplog
     assert {d.split("'")[1] for d in trainer.shortened_samples} == two_pairs
     assert all("dropped 1 turn pair(s)" in d for d in trainer.shortened_samples)
     assert "8 row(s) were shortened to fit --model_max_length 160" in caplog.text
+    assert "... and 5 more" in caplog.text
     assert trainer.state.log_history[-2]["shortened_samples"] == 8  # the last step's log
     assert "id 'no-image-file'" in caplog.text and "missing_image" in caplog.text
     assert "id 'no-answer'" in caplog.text and "no_assistant_turn" in caplog.text
